@@ -1,0 +1,93 @@
+"""The ``tollgate`` command: serve, migrate, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config.catalog import CatalogError, load_catalog
+from app.config.settings import DEFAULT_PORT, SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tollgate", description="Pay-per-request metered LLM proxy with wallet billing."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy (embedded defaults when unset)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 = any)")
+    serve.add_argument("--state-dir", type=Path, help="embedded servers' data (default .tollgate)")
+    serve.add_argument("--catalog", type=Path, help="catalog TOML (default: the sample catalog)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port")
+
+    migrate = commands.add_parser("migrate", help="apply database migrations (DATABASE_URL)")
+    migrate.add_argument("--state-dir", type=Path,
+                         help="migrate the embedded database of this state dir instead")
+
+    mock = commands.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8401)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "migrate":
+            return _migrate(args)
+        if args.command == "mock-upstream":
+            from app.devstack.mock_upstream import run_mock_upstream
+
+            run_mock_upstream(args.host, args.port)
+            return 0
+    except (SettingsError, CatalogError) as error:
+        print(f"tollgate: {error}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.serve import configure_logging, run_serve
+
+    settings = load_settings(
+        host=args.host, port=args.port, state_dir=args.state_dir,
+        catalog=args.catalog, workers=args.workers,
+    )
+    configure_logging(settings.log_level)
+    catalog = load_catalog(settings.catalog)
+    return run_serve(settings, catalog)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.serve import configure_logging
+    from app.storage.database import migrate
+
+    settings = load_settings(state_dir=args.state_dir)
+    configure_logging(settings.log_level)
+    if settings.database_url is not None and args.state_dir is None:
+        migrate(settings.database_url.get_secret_value())
+        print("migrated", flush=True)
+        return 0
+    from app.devstack.postgres import EmbeddedPostgres
+
+    postgres = EmbeddedPostgres(settings.state_dir.resolve() / "postgres")
+    url = postgres.start()
+    try:
+        asyncio.run(postgres.ensure_database())
+        migrate(url)
+    finally:
+        postgres.stop()
+    print(f"migrated the embedded database in {postgres.data_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The one error tree of Tollgate.
+
+Every error a client can see is an ``ApiError``; the HTTP edge renders it in the
+OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` in exactly one
+place (``app.http.errors``). Lower-level failures (upstream I/O, database,
+Redis) are translated into this tree where they happen, never leaked raw.
+
+    ApiError                      status  type
+    ├── InvalidRequest             400    invalid_request_error
+    ├── AuthenticationFailed       401    authentication_error
+    ├── PaymentRequired            402    payment_required
+    ├── PermissionDenied           403    permission_error
+    ├── NotFound                   404    not_found_error
+    ├── RequestTooLarge            413    invalid_request_error
+    ├── RateLimited                429    rate_limit_error
+    ├── InternalError              500    server_error      (our own fault)
+    ├── UpstreamError              502    upstream_error    (provider failed)
+    ├── ServiceUnavailable         503    service_unavailable
+    └── UpstreamTimeout            504    upstream_error    (provider too slow)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class ApiError(Exception):
+    """An error that is answered to the client with its own status and type."""
+
+    status: int = 500
+    type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, object]:
+        """The OpenAI error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    """The request is malformed or a field is out of range; ``param`` names it."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    """No valid credentials were presented."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_authentication"
+
+
+class PaymentRequired(ApiError):
+    """The account must pay before it is served."""
+
+    status = 402
+    type = "payment_required"
+    default_code = "payment_required"
+
+
+class PermissionDenied(ApiError):
+    """The credentials are valid but do not allow this action."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFound(ApiError):
+    """The named resource (a model, a route, a record) does not exist."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class RequestTooLarge(ApiError):
+    """The body or one of its parts is larger than the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(ApiError):
+    """A rate limit refused the request; headers carry ``Retry-After``."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class InternalError(ApiError):
+    """Our own fault. The message never carries internal details."""
+
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"
+
+
+class UpstreamError(ApiError):
+    """Every upstream route failed (connection, 5xx, 429) before any byte reached the client."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class ServiceUnavailable(ApiError):
+    """A dependency of ours (Redis, Postgres) or every provider is unavailable."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class UpstreamTimeout(ApiError):
+    """The upstream did not answer in time."""
+
+    status = 504
+    type = "upstream_error"
+    default_code = "upstream_timeout"

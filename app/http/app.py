@@ -1,0 +1,122 @@
+"""The aiohttp application: resources, middlewares and routes, in one visible order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from app.config.catalog import Catalog
+from app.config.settings import Settings
+from app.http.errors import error_middleware
+from app.http.keys import (
+    CATALOG,
+    DATABASE,
+    FORWARDER,
+    HTTP_CLIENT,
+    METRICS,
+    PIPELINE,
+    REDIS,
+    SETTINGS,
+)
+from app.http.metrics import Metrics
+from app.http.request_context import add_request_headers, request_id_middleware
+from app.http.routes import chat, health, models
+from app.proxy.forward import Forwarder
+from app.proxy.pipeline import Pipeline, Stage
+from app.storage.database import create_engine
+from app.storage.redis_client import create_redis
+
+# Upstream connection pool: bounded, with keep-alive so a request rarely pays a handshake.
+UPSTREAM_CONNECTIONS_MAX = 1024
+UPSTREAM_CONNECTIONS_PER_HOST_MAX = 512
+UPSTREAM_KEEPALIVE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """Where the shared state lives (resolved URLs, embedded or not)."""
+
+    database_url: str
+    redis_url: str
+
+
+def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.Application:
+    # Request ids first so every later failure, even an unexpected one, carries one.
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[CATALOG] = catalog
+    metrics = Metrics()
+    app[METRICS] = metrics
+    # Stage order is the pipeline order: authenticate -> rate-limit -> reserve -> record.
+    # Metrics come first so they settle last and see every call, refused or not.
+    stages: list[Stage] = [metrics]
+    app[PIPELINE] = Pipeline(stages)
+
+    app.on_response_prepare.append(add_request_headers)
+    app.cleanup_ctx.append(_database(backends.database_url))
+    app.cleanup_ctx.append(_redis(backends.redis_url))
+    app.cleanup_ctx.append(_upstream_client)
+    app.on_shutdown.append(_drain_settlements)
+
+    app.router.add_post("/v1/chat/completions", chat.chat_completions)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1/models/{model_id}", models.get_model)
+    app.router.add_get("/health/live", health.live)
+    app.router.add_get("/health/ready", health.ready)
+    app.router.add_get("/metrics", metrics.handle)
+    return app
+
+
+def _database(url: str):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        engine = create_engine(url)
+        app[DATABASE] = engine
+        yield
+        await engine.dispose()
+
+    return context
+
+
+def _redis(url: str):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        client = create_redis(url)
+        app[REDIS] = client
+        yield
+        await client.aclose()
+
+    return context
+
+
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(
+        limit=UPSTREAM_CONNECTIONS_MAX,
+        limit_per_host=UPSTREAM_CONNECTIONS_PER_HOST_MAX,
+        keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+        ttl_dns_cache=300,
+    )
+    # Upstream answers are relayed as they are: no decompression surprises, no cookies.
+    session = aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        trust_env=False,
+    )
+    app[HTTP_CLIENT] = session
+    app[FORWARDER] = Forwarder(
+        session,
+        app[PIPELINE],
+        keepalive_s=app[SETTINGS].stream_keepalive_s,
+        on_failure=app[METRICS].upstream_failed,
+    )
+    yield
+    await session.close()
+
+
+async def _drain_settlements(app: web.Application) -> None:
+    await app[PIPELINE].drain()

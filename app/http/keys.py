@@ -1,0 +1,23 @@
+"""Typed keys for what the application shares between handlers (no globals)."""
+
+from __future__ import annotations
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config.catalog import Catalog
+from app.config.settings import Settings
+from app.http.metrics import Metrics
+from app.proxy.forward import Forwarder
+from app.proxy.pipeline import Pipeline
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+METRICS = web.AppKey("metrics", Metrics)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+DATABASE = web.AppKey("database", AsyncEngine)
+REDIS = web.AppKey("redis", redis.Redis)

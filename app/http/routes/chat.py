@@ -1,0 +1,53 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from app.errors import InvalidRequest
+from app.http.keys import CATALOG, FORWARDER, PIPELINE, SETTINGS
+from app.http.request_context import request_id
+from app.proxy.chat_request import parse_chat_request
+from app.proxy.pipeline import ChatCall
+from app.proxy.routing import Candidate, plan_routes
+
+PROVIDER_HEADER = "X-Tollgate-Provider"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest(
+            f"the body is not valid JSON ({error.msg} at position {error.pos})",
+            code="invalid_json",
+        ) from None
+    chat = parse_chat_request(body, max_messages=settings.max_messages, max_n=settings.max_n)
+    plan = plan_routes(request.app[CATALOG], chat)
+    call = ChatCall(request_id(request), request, chat, plan)
+    await request.app[PIPELINE].admit(call)
+    forwarder = request.app[FORWARDER]
+    if chat.stream:
+        return await forwarder.stream(call, request, _stream_response)
+    document = await forwarder.complete(call)
+    candidate = call.outcome.candidate
+    assert candidate is not None
+    headers = {PROVIDER_HEADER: candidate.route.provider.name}
+    headers.update(call.notes.get("response_headers", {}))  # type: ignore[arg-type]
+    return web.Response(body=orjson.dumps(document), content_type="application/json",
+                        headers=headers)
+
+
+def _stream_response(candidate: Candidate) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            PROVIDER_HEADER: candidate.route.provider.name,
+        }
+    )
+    return response

