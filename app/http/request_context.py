@@ -12,7 +12,7 @@ import secrets
 
 from aiohttp import web
 
-REQUEST_ID = "tollgate.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 MAX_CLIENT_REQUEST_ID_CHARS = 512
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
@@ -22,7 +22,7 @@ def new_request_id() -> str:
 
 
 def request_id(request: web.Request) -> str:
-    return request[REQUEST_ID]  # type: ignore[no-any-return]
+    return request[REQUEST_ID]
 
 
 @web.middleware

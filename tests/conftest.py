@@ -1,0 +1,204 @@
+"""Session-wide real parts: embedded Postgres and Redis, the mock upstream process, Tollgate.
+
+Each is started once per test session (starting them per test would dominate
+the run time) and stopped at the end. Tests get fresh state where they need it
+through their own ids, never by restarting servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from app.config.catalog import Catalog, build_catalog
+from app.config.settings import Settings, load_settings
+from app.devstack.postgres import EmbeddedPostgres
+from app.devstack.redis import EmbeddedRedis
+from app.http.app import Backends, create_app
+from app.serve import app_runner
+from app.storage.database import migrate_in_thread
+
+REPO = Path(__file__).resolve().parent.parent
+# A provider key that must never appear in any response or log line.
+SECRET_PROVIDER_KEY = "sk-test-SECRETKEYSHOULDNEVERLEAK"
+PROCESS_START_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="session")
+def state_root() -> Iterator[Path]:
+    # Short path: Unix socket paths are limited to ~100 bytes.
+    root = Path(tempfile.mkdtemp(prefix="tg-", dir="/tmp"))
+    yield root
+
+
+@pytest.fixture(scope="session")
+async def postgres_url(state_root: Path) -> AsyncIterator[str]:
+    server = EmbeddedPostgres(state_root / "postgres")
+    url = await asyncio.to_thread(server.start)
+    await server.ensure_database()
+    await migrate_in_thread(url)
+    yield url
+    await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture(scope="session")
+async def redis_url(state_root: Path) -> AsyncIterator[str]:
+    server = EmbeddedRedis(state_root / "redis")
+    url = await asyncio.to_thread(server.start)
+    yield url
+    await asyncio.to_thread(server.stop)
+
+
+def start_process(args: list[str], ready_marker: str, env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen[str], str]:
+    """Start a child process and return it with its first stdout line containing the marker."""
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})}, cwd=REPO,
+    )
+    assert process.stdout is not None
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            error = process.stderr.read() if process.stderr else ""
+            raise RuntimeError(f"{args} exited before it was ready: {error[-3000:]}")
+        if ready_marker in line:
+            return process, line.strip()
+
+
+@dataclass(frozen=True)
+class MockUpstream:
+    """The mock provider process: ``root`` is http://host:port, ``v1`` its API base."""
+
+    root: str
+
+    @property
+    def v1(self) -> str:
+        return f"{self.root}/v1"
+
+    def scenario(self, options: str) -> str:
+        return f"{self.root}/s/{options}/v1"
+
+
+@pytest.fixture(scope="session")
+def mock_upstream() -> Iterator[MockUpstream]:
+    process, line = start_process(
+        [sys.executable, "-m", "app", "mock-upstream", "--port", "0"], "listening on"
+    )
+    url = line.rsplit(" ", 1)[-1]
+    yield MockUpstream(url.removesuffix("/v1"))
+    process.terminate()
+    process.wait(10)
+
+
+def test_catalog_document(mock: MockUpstream) -> dict[str, Any]:
+    """Providers for every fault the mock can play, and models that route through them."""
+    refused = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
+    providers = {
+        "mock": {"base_url": mock.v1, "api_key_env": "TEST_MOCK_KEY"},
+        "mock-b": {"base_url": mock.v1},
+        "down": {"base_url": mock.scenario("fault=status,status=503")},
+        "limited": {"base_url": mock.scenario("fault=status,status=429")},
+        "dropper": {"base_url": mock.scenario("fault=drop")},
+        "refused": {"base_url": refused, "connect_timeout_s": 2},
+        "slow": {"base_url": mock.scenario("latency_ms=3000"), "first_byte_timeout_s": 0.3},
+        "stalls": {"base_url": mock.scenario("chunk_delay_ms=3000"), "idle_timeout_s": 0.3},
+        "rejects": {"base_url": mock.scenario("fault=status,status=400")},
+        "badkey": {"base_url": mock.scenario("fault=status,status=401")},
+        "cutter": {"base_url": mock.scenario("fault=cut,cut_after=2")},
+        "nousage": {"base_url": mock.scenario("fault=no_usage")},
+        "unset": {"base_url": mock.v1, "api_key_env": "TEST_UNSET_KEY"},
+    }
+    price = {"input": "1.00", "output": "2.00", "cached_input": "0.50"}
+
+    def model(model_id: str, *providers: str, max_output: int = 4096) -> dict[str, Any]:
+        return {
+            "id": model_id, "context_length": 32768, "max_output_tokens": max_output,
+            "price": price,
+            "routes": [{"provider": p, "model": "mock-gpt"} for p in providers],
+        }
+
+    return {
+        "providers": providers,
+        "models": [
+            model("test-model", "mock", "mock-b"),
+            model("fallback-model", "down", "limited", "dropper", "refused", "mock-b"),
+            model("down-model", "down"),
+            model("limited-model", "limited"),
+            model("timeout-model", "slow"),
+            model("timeout-fallback-model", "slow", "mock"),
+            model("stall-model", "stalls"),
+            model("rejects-model", "rejects", "mock"),
+            model("badkey-model", "badkey"),
+            model("cut-model", "cutter", "mock"),
+            model("nousage-model", "nousage"),
+            model("small-model", "mock", max_output=100),
+            model("unset-model", "unset"),
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def catalog(mock_upstream: MockUpstream) -> Catalog:
+    environ = {"TEST_MOCK_KEY": SECRET_PROVIDER_KEY}
+    return build_catalog(test_catalog_document(mock_upstream), environ, source="tests")
+
+
+@pytest.fixture(scope="session")
+def backends(postgres_url: str, redis_url: str) -> Backends:
+    return Backends(postgres_url, redis_url)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    defaults: dict[str, Any] = {"max_body_bytes": 256 * 1024, "max_messages": 64}
+    defaults.update(overrides)
+    return load_settings(**defaults)
+
+
+@dataclass
+class RunningTollgate:
+    """A Tollgate app served on a loopback port in the test loop."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+
+async def start_tollgate(
+    settings: Settings, catalog: Catalog, backends: Backends
+) -> RunningTollgate:
+    app = create_app(settings, catalog, backends)
+    runner = app_runner(app, settings)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return RunningTollgate(f"http://127.0.0.1:{port}", app, runner)
+
+
+@pytest.fixture(scope="session")
+async def tollgate(catalog: Catalog, backends: Backends) -> AsyncIterator[RunningTollgate]:
+    running = await start_tollgate(make_settings(), catalog, backends)
+    yield running
+    await running.runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
