@@ -324,7 +324,7 @@ def _to_invalid_request(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"invalid '{param}': {message}", param=param, code="invalid_value")
 
 
-_BRANCH_PREFIXES = ("str", "list[", "function-", "tagged-union", "literal[", "Named")
+_BRANCH_PREFIXES = ("list[", "function-", "tagged-union", "literal[", "NamedToolChoice")
 
 
 def _param_name(loc: tuple[int | str, ...]) -> str:
@@ -342,4 +342,4 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
 def _is_branch(part: str, previous: int | str | None) -> bool:
     if part in _TAGS and (isinstance(previous, int) or previous in _TAGGED_UNION_FIELDS):
         return True
-    return part.startswith(_BRANCH_PREFIXES)
+    return part == "str" or part.startswith(_BRANCH_PREFIXES)
