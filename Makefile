@@ -26,10 +26,10 @@ run: $(STAMP)
 	$(BIN)/tollgate serve $(ARGS)
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check app tests bench migrations
+	$(BIN)/ruff check .
 
 test: $(TEST_STAMP)
-	$(BIN)/ruff check app tests bench migrations
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
