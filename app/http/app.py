@@ -59,6 +59,7 @@ def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.
     app[PIPELINE] = Pipeline(stages)
 
     app.on_response_prepare.append(add_request_headers)
+    app.on_response_prepare.append(metrics.count_response)
     app.cleanup_ctx.append(_database(backends.database_url))
     app.cleanup_ctx.append(_redis(backends.redis_url))
     app.cleanup_ctx.append(_upstream_client)

@@ -87,6 +87,12 @@ class Metrics:
             self.tokens.labels(model, "prompt").inc(outcome.usage.prompt_tokens)
             self.tokens.labels(model, "completion").inc(outcome.usage.completion_tokens)
 
+    async def count_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: every answer, refused ones included, by route and status."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self.http_responses.labels(route, str(response.status)).inc()
+
     def upstream_failed(self, failure: RouteFailure) -> None:
         self.upstream_errors.labels(failure.provider, failure.kind.value).inc()
 

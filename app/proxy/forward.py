@@ -146,6 +146,9 @@ class Forwarder:
                 outcome.error = error if isinstance(error, ApiError) else None
                 outcome.finish("cancelled" if cancelled else "error", call.chat.prompt_chars)
             await self.pipeline.settle_shielded(call)
+            if isinstance(error, ConnectionError) and response is not None and response.prepared:
+                # The client went away mid-stream: nobody is left to answer.
+                return response
             raise
         finally:
             if relay is not None:

@@ -46,10 +46,11 @@ async def test_metrics_count_requests_and_latency(
         text = await response.text()
     for family in ("tollgate_requests_total", "tollgate_request_duration_seconds_bucket",
                    "tollgate_time_to_first_chunk_seconds_bucket", "tollgate_in_flight_requests",
-                   "tollgate_tokens_total"):
+                   "tollgate_tokens_total", "tollgate_http_responses_total"):
         assert family in text
     assert ('tollgate_requests_total{model="test-model",provider="mock-b",status="ok",'
             'streamed="true"}') in text
+    assert ('tollgate_http_responses_total{code="200",route="/v1/chat/completions"}') in text
     in_flight = [line for line in text.splitlines()
                  if line.startswith("tollgate_in_flight_requests ")]
     assert in_flight == ["tollgate_in_flight_requests 0.0"]

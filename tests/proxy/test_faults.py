@@ -189,7 +189,8 @@ async def test_drop_falls_back_and_hang_times_out(
 
 
 async def test_client_disconnect_cancels_the_upstream(
-    http: aiohttp.ClientSession, tollgate: RunningTollgate, mock_upstream: MockUpstream
+    http: aiohttp.ClientSession, tollgate: RunningTollgate, mock_upstream: MockUpstream,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with http.get(f"{mock_upstream.root}/mock/stats") as response:
         cancelled_before = (await response.json())["cancelled"]
@@ -213,6 +214,7 @@ async def test_client_disconnect_cancels_the_upstream(
             break
         await asyncio.sleep(0.01)  # polling a metric; the condition itself is asserted below
     assert await metric(http, tollgate, cancelled_calls) == calls_before + 1
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a disconnect is no fault"
 
 
 async def test_keepalive_comments_while_upstream_is_silent(
