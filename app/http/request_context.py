@@ -11,6 +11,7 @@ import re
 import secrets
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 REQUEST_ID = web.RequestKey("request_id", str)
 MAX_CLIENT_REQUEST_ID_CHARS = 512
@@ -27,7 +28,7 @@ def request_id(request: web.Request) -> str:
 
 @web.middleware
 async def request_id_middleware(
-    request: web.Request, handler: web.Handler
+    request: web.Request, handler: Handler
 ) -> web.StreamResponse:
     request[REQUEST_ID] = new_request_id()
     return await handler(request)

@@ -74,7 +74,7 @@ class Forwarder:
 
     def _failed(self, call: ChatCall, failure: RouteFailure) -> None:
         self.on_failure(failure)
-        call.notes.setdefault("route_failures", []).append(str(failure))  # type: ignore[union-attr]
+        call.route_failures.append(str(failure))
 
     # -- non-streaming -------------------------------------------------------
 
@@ -224,7 +224,7 @@ class Forwarder:
         if failure is not None:
             await response.write(error_event(failure))
         else:
-            usage_event = rewriter.usage_event(call.notes.get("usage_extra"))  # type: ignore[arg-type]
+            usage_event = rewriter.usage_event(call.usage_extra)
             if usage_event is not None:
                 await response.write(usage_event)
         await response.write(DONE_EVENT)

@@ -61,11 +61,12 @@ class Usage:
             if isinstance(completion_details, dict)
             else 0
         )
+        assert isinstance(prompt, int) and isinstance(completion, int)
         return cls(
-            prompt_tokens=prompt,  # type: ignore[arg-type]
-            completion_tokens=completion,  # type: ignore[arg-type]
-            cached_tokens=min(cached if _count(cached) else 0, prompt),  # type: ignore[type-var]
-            reasoning_tokens=reasoning if _count(reasoning) else 0,  # type: ignore[arg-type]
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=min(cached, prompt) if isinstance(cached, int) and cached > 0 else 0,
+            reasoning_tokens=reasoning if isinstance(reasoning, int) and reasoning > 0 else 0,
         )
 
     def to_openai(self) -> dict[str, object]:
@@ -148,6 +149,11 @@ class ChatCall:
     chat: ChatRequest
     plan: tuple[Candidate, ...]
     outcome: Outcome = field(default_factory=Outcome)
+    # Routes that failed before one served, for logs and the error message.
+    route_failures: list[str] = field(default_factory=list)
+    # What settled stages add to the answer: headers, and fields of the final usage object.
+    response_headers: dict[str, str] = field(default_factory=dict)
+    usage_extra: dict[str, object] = field(default_factory=dict)
     # Stages keep what they need between admit and settle here, keyed by stage name.
     notes: dict[str, object] = field(default_factory=dict)
     admitted: list[Stage] = field(default_factory=list)

@@ -75,7 +75,7 @@ class StreamRewriter:
         """Did every choice reach a finish_reason?"""
         return self.finished_choices >= self.call.chat.n
 
-    def usage_event(self, extra: dict[str, Any] | None = None) -> bytes | None:
+    def usage_event(self, extra: dict[str, object] | None = None) -> bytes | None:
         """The final usage chunk, if the client asked for one."""
         usage = self.call.outcome.usage
         if not self.include_usage or usage is None:

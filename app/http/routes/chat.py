@@ -36,7 +36,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     candidate = call.outcome.candidate
     assert candidate is not None
     headers = {PROVIDER_HEADER: candidate.route.provider.name}
-    headers.update(call.notes.get("response_headers", {}))  # type: ignore[arg-type]
+    headers.update(call.response_headers)
     return web.Response(body=orjson.dumps(document), content_type="application/json",
                         headers=headers)
 
