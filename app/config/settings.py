@@ -8,9 +8,11 @@ names the setting (see ``load_settings``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 DEFAULT_PORT = 8402
 DEFAULT_STATE_DIR = Path(".tollgate")
@@ -54,6 +56,34 @@ class Settings(BaseSettings):
     # How long Ctrl-C waits for in-flight requests before closing them.
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
 
+    # Identity: wallet sessions (POST /v1/authorize) and their JWTs.
+    # HS256 needs jwt_secret; ES256 needs a PEM private key (the public key is derived).
+    jwt_algorithm: Literal["HS256", "ES256"] = "HS256"
+    jwt_secret: SecretStr | None = None
+    jwt_private_key_pem: SecretStr | None = None
+    jwt_issuer: str = "tollgate"
+    jwt_audience: str = "tollgate-api"
+    # Chains whose wallets may authorize (EIP-155 ids); the first is the default.
+    chain_ids: Annotated[tuple[int, ...], NoDecode] = (31337,)
+    session_ttl_max_s: int = Field(default=7 * 24 * 3600, ge=60)
+    authorize_clock_skew_s: int = Field(default=60, ge=0, le=3600)
+    # How old an Authorization's issuedAt may be when it reaches us.
+    authorize_max_age_s: int = Field(default=600, ge=10)
+    # The operator's bearer token for admin endpoints (revoke-all for any wallet, ...).
+    admin_token: SecretStr | None = None
+
+    # Rate limits: token buckets in Redis. Per account per minute, per IP per minute.
+    rate_limit_requests_per_min: int = Field(default=600, ge=1)
+    rate_limit_tokens_per_min: int = Field(default=2_000_000, ge=1)
+    rate_limit_ip_requests_per_min: int = Field(default=120, ge=1)
+    # When Redis cannot be reached: "closed" refuses with 503, "open" lets requests through.
+    rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
+
+    # Money. Commission in basis points of the base cost (1000 = 10%).
+    commission_bps: int = Field(default=1000, ge=0, le=10_000)
+    # Credit a new account gets before it must pay, in micro-USD.
+    default_credit_limit_micros: int = Field(default=5_000_000, ge=0)
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -81,6 +111,28 @@ class Settings(BaseSettings):
         return value
 
 
+    @field_validator("chain_ids", mode="before")
+    @classmethod
+    def _chain_list(cls, value: object) -> object:
+        # The environment gives "8453,84532"; code and tests give a tuple.
+        if isinstance(value, str):
+            try:
+                return tuple(int(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                raise ValueError("must be comma-separated integers") from None
+        if isinstance(value, int):
+            return (value,)
+        return value
+
+    @model_validator(mode="after")
+    def _jwt_key_present(self) -> Settings:
+        if self.jwt_algorithm == "ES256" and self.jwt_private_key_pem is None:
+            raise ValueError("TOLLGATE_JWT_PRIVATE_KEY_PEM is required with ES256")
+        if not self.chain_ids:
+            raise ValueError("TOLLGATE_CHAIN_IDS: at least one chain id")
+        return self
+
+
 _ENV_NAMES = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 
 
@@ -98,10 +150,13 @@ def load_settings(**overrides: object) -> Settings:
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
         return Settings(**given)  # type: ignore[arg-type]
+    except SourceError as error:
+        raise SettingsError(f"invalid settings: {error}") from None
     except ValidationError as error:
         problems = []
         for item in error.errors():
             field = str(item["loc"][0]) if item["loc"] else "?"
             field = {"DATABASE_URL": "database_url", "REDIS_URL": "redis_url"}.get(field, field)
-            problems.append(f"{setting_env_name(field)}: {item['msg']}")
+            message = str(item["msg"]).removeprefix("Value error, ")
+            problems.append(f"{setting_env_name(field)}: {message}" if item["loc"] else message)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 from aiohttp import web
 
 from app.errors import ApiError
+from app.identity.principal import Principal
 from app.proxy.chat_request import ChatRequest
 from app.proxy.routing import Candidate
 
@@ -149,6 +150,8 @@ class ChatCall:
     chat: ChatRequest
     plan: tuple[Candidate, ...]
     outcome: Outcome = field(default_factory=Outcome)
+    # Set by the authentication stage; None only before it ran.
+    principal: Principal | None = None
     # Routes that failed before one served, for logs and the error message.
     route_failures: list[str] = field(default_factory=list)
     # What settled stages add to the answer: headers, and fields of the final usage object.
@@ -158,6 +161,17 @@ class ChatCall:
     notes: dict[str, object] = field(default_factory=dict)
     admitted: list[Stage] = field(default_factory=list)
     settled: bool = False
+
+
+def estimated_max_tokens(call: ChatCall) -> int:
+    """The most tokens this call can use: prompt estimate plus its output ceiling.
+
+    Rate limits pre-debit this and reservations hold its price; both are corrected
+    to the real usage when the call settles.
+    """
+    model = call.plan[0].model
+    output = call.chat.max_output_tokens or model.max_output_tokens
+    return estimate_tokens(call.chat.prompt_chars) + output * call.chat.n
 
 
 class Stage(Protocol):
