@@ -17,10 +17,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLGATE_PORT", "9000")
-    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@db/tollgate")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:hunter2pw@db/tollgate")
     settings = load_settings(workers=3)
     assert settings.port == 9000 and settings.workers == 3
-    assert "secret" not in repr(settings), "secrets never print"
+    assert "hunter2pw" not in repr(settings), "secrets never print"
     assert load_settings(port=9100).port == 9100
 
 
