@@ -24,6 +24,9 @@ from app.http.keys import (
 from app.http.metrics import Metrics
 from app.http.request_context import add_request_headers, request_id_middleware
 from app.http.routes import chat, health, models
+from app.identity.setup import setup_identity
+from app.ledger.setup import setup_ledger
+from app.limits.setup import setup_limits
 from app.proxy.forward import Forwarder
 from app.proxy.pipeline import Pipeline, Stage
 from app.storage.database import create_engine
@@ -53,15 +56,22 @@ def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.
     app[CATALOG] = catalog
     metrics = Metrics()
     app[METRICS] = metrics
-    # Stage order is the pipeline order: authenticate -> rate-limit -> reserve -> record.
-    # Metrics come first so they settle last and see every call, refused or not.
-    stages: list[Stage] = [metrics]
-    app[PIPELINE] = Pipeline(stages)
-
     app.on_response_prepare.append(add_request_headers)
     app.on_response_prepare.append(metrics.count_response)
+    # Shared resources first: every concern below may use them at startup.
     app.cleanup_ctx.append(_database(backends.database_url))
     app.cleanup_ctx.append(_redis(backends.redis_url))
+
+    # Each concern installs its routes, middlewares and resources, and returns its stage.
+    # Stage order is the pipeline order: authenticate -> rate-limit -> reserve/record.
+    # Metrics come first so they settle last and see every call, refused or not.
+    stages: list[Stage] = [
+        metrics,
+        setup_identity(app),
+        setup_limits(app),
+        setup_ledger(app),
+    ]
+    app[PIPELINE] = Pipeline(stages)
     app.cleanup_ctx.append(_upstream_client)
     app.on_shutdown.append(_drain_settlements)
 

@@ -43,7 +43,7 @@ from app.proxy.upstream import (
 STREAM_QUEUE_EVENTS = 64
 
 FailureObserver = Callable[[RouteFailure], None]
-ResponseFactory = Callable[[Candidate], web.StreamResponse]
+ResponseFactory = Callable[[ChatCall], web.StreamResponse]
 
 
 class Forwarder:
@@ -134,9 +134,7 @@ class Forwarder:
         response: web.StreamResponse | None = None
         try:
             relay = await self._first_event(call)
-            candidate = outcome.candidate
-            assert candidate is not None
-            response = make_response(candidate)
+            response = make_response(call)
             await response.prepare(http_request)
             await self._relay(call, relay, response)
             return response

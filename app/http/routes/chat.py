@@ -10,7 +10,7 @@ from app.http.keys import CATALOG, FORWARDER, PIPELINE, SETTINGS
 from app.http.request_context import request_id
 from app.proxy.chat_request import parse_chat_request
 from app.proxy.pipeline import ChatCall
-from app.proxy.routing import Candidate, plan_routes
+from app.proxy.routing import plan_routes
 
 PROVIDER_HEADER = "X-Tollgate-Provider"
 
@@ -41,13 +41,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         headers=headers)
 
 
-def _stream_response(candidate: Candidate) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            PROVIDER_HEADER: candidate.route.provider.name,
-        }
-    )
-    return response
+def _stream_response(call: ChatCall) -> web.StreamResponse:
+    """Headers of a stream are fixed when it starts: stages' headers must be known by then."""
+    candidate = call.outcome.candidate
+    assert candidate is not None
+    headers = {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        PROVIDER_HEADER: candidate.route.provider.name,
+    }
+    headers.update(call.response_headers)
+    return web.StreamResponse(headers=headers)
