@@ -63,6 +63,10 @@ class Metrics:
             "tollgate_tokens", "Tokens served by model and direction.",
             ["model", "direction"], registry=registry,
         )
+        self.spend = Counter(
+            "tollgate_spend_micros", "Recorded spend in micro-USD by model and part.",
+            ["model", "part"], registry=registry,
+        )
         self.in_flight = Gauge(
             "tollgate_in_flight_requests", "Chat calls being served.",
             registry=registry, multiprocess_mode="livesum",
@@ -92,6 +96,10 @@ class Metrics:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         self.http_responses.labels(route, str(response.status)).inc()
+
+    def spent(self, model: str, base_micros: int, commission_micros: int) -> None:
+        self.spend.labels(model, "base").inc(base_micros)
+        self.spend.labels(model, "commission").inc(commission_micros)
 
     def upstream_failed(self, failure: RouteFailure) -> None:
         self.upstream_errors.labels(failure.provider, failure.kind.value).inc()

@@ -99,7 +99,7 @@ class Forwarder:
         document["id"] = call.request_id
         document["model"] = candidate.model.id
         document["provider"] = candidate.route.provider.name
-        document["usage"] = outcome.usage.to_openai()
+        document["usage"] = {**outcome.usage.to_openai(), **call.usage_extra}
         return document
 
     async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
@@ -218,7 +218,10 @@ class Forwarder:
                 outcome.mark_first_chunk()
         outcome.error = failure
         outcome.finish("ok" if failure is None else "error", call.chat.prompt_chars)
-        await self.pipeline.settle_shielded(call)
+        try:
+            await self.pipeline.settle_shielded(call)
+        except ApiError as refusal:
+            failure = failure or refusal
         if failure is not None:
             await response.write(error_event(failure))
         else:

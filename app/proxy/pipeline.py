@@ -206,13 +206,24 @@ class Pipeline:
             raise
 
     async def settle(self, call: ChatCall) -> None:
-        """Settle every admitted stage once. Safe to call again: later calls do nothing."""
+        """Settle every admitted stage once. Safe to call again: later calls do nothing.
+
+        A stage may refuse the outcome with an ApiError (the ledger, when it cannot
+        record): every other stage still settles, then the first error is raised so
+        the client is told instead of getting an answer that was not billed.
+        """
         if call.settled:
             return
         call.settled = True
         assert call.outcome.finished_s is not None, "settle needs a finished outcome"
+        refusal: ApiError | None = None
         for stage in reversed(call.admitted):
-            await stage.settle(call)
+            try:
+                await stage.settle(call)
+            except ApiError as error:
+                refusal = refusal or error
+        if refusal is not None:
+            raise refusal
 
     async def settle_shielded(self, call: ChatCall) -> None:
         """Settle even if the caller is being cancelled (client gone, shutdown)."""

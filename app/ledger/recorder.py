@@ -1,0 +1,183 @@
+"""Writing usage records with group commit.
+
+Every completed request writes one record and adds its total to its account's
+debt, in one transaction. That write is on every request, so concurrent requests
+share transactions: one writer task takes everything queued while the previous
+transaction was committing, writes it as one multi-row INSERT plus one UPDATE of
+the accounts, commits once, and wakes each request with its own result. Under
+load a batch grows with the commit latency; alone, a request waits for exactly
+one commit. No timer delays anyone.
+
+The request id is unique in ``usage_records``; a record whose id is already
+there is skipped and adds nothing to the debt, so a retried write never
+charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.errors import ServiceUnavailable
+from app.storage.tables import accounts, usage_records
+
+log = logging.getLogger(__name__)
+
+# Rows per transaction: large enough to absorb bursts, small enough to stay
+# far below Postgres' 32767 bind parameters (21 per row).
+MAX_BATCH_RECORDS = 500
+# A write that fails (Postgres restarting, a network blip) is retried this often.
+WRITE_ATTEMPTS = 3
+WRITE_RETRY_DELAY_S = 0.2
+# Requests waiting for a commit: beyond this, new requests wait for room (backpressure).
+MAX_QUEUED_RECORDS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """One usage record to write; field names are the table's columns."""
+
+    request_id: str
+    account_id: int
+    session_jti: str | None
+    public_model: str
+    provider: str
+    upstream_model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    base_cost_micros: int
+    commission_rate_bps: int
+    commission_micros: int
+    total_micros: int
+    status: str
+    streamed: bool
+    usage_source: str
+    latency_ms: int | None
+    time_to_first_chunk_ms: int | None
+
+    def __post_init__(self) -> None:
+        assert self.total_micros == self.base_cost_micros + self.commission_micros
+        assert min(self.base_cost_micros, self.commission_micros) >= 0
+
+    def row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class UsageRecorder:
+    """The process's single writer of usage records."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.queue: asyncio.Queue[tuple[UsageEntry, asyncio.Future[bool]]] = asyncio.Queue(
+            MAX_QUEUED_RECORDS
+        )
+        self.task: asyncio.Task[None] | None = None
+        self.batches_written = 0
+        self.records_written = 0
+
+    def start(self) -> None:
+        assert self.task is None, "started twice"
+        self.task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self.task is None:
+            return
+        await self.queue.join()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.task = None
+
+    async def record(self, entry: UsageEntry) -> bool:
+        """Write one record and wait for its commit. False: the request id was already recorded.
+
+        Raises ``ServiceUnavailable`` when the database could not take it.
+        """
+        assert self.task is not None, "the recorder is not running"
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self.queue.put((entry, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < MAX_BATCH_RECORDS and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._write_with_retries(batch)
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def _write_with_retries(
+        self, batch: list[tuple[UsageEntry, asyncio.Future[bool]]]
+    ) -> None:
+        entries = _unique(entry for entry, _ in batch)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                inserted = await self._write(entries)
+                break
+            except (SQLAlchemyError, OSError) as error:
+                log.error("usage write failed (attempt %d/%d): %s", attempt, WRITE_ATTEMPTS,
+                          error)
+                if attempt == WRITE_ATTEMPTS:
+                    failure = ServiceUnavailable(
+                        "the usage ledger is unavailable; the request was not billed",
+                        code="ledger_unavailable",
+                    )
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                    return
+                await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
+        self.batches_written += 1
+        self.records_written += len(inserted)
+        for entry, future in batch:
+            if not future.done():
+                future.set_result(entry.request_id in inserted)
+                # Only the first of two queued duplicates counts as inserted.
+                inserted.discard(entry.request_id)
+
+    async def _write(self, entries: list[UsageEntry]) -> set[str]:
+        """One transaction: insert new records, add their totals to their accounts' debt."""
+        statement = (
+            insert(usage_records)
+            .values([entry.row() for entry in entries])
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(usage_records.c.request_id)
+        )
+        async with self.engine.begin() as connection:
+            inserted = set((await connection.execute(statement)).scalars())
+            debts: dict[int, int] = defaultdict(int)
+            for entry in entries:
+                if entry.request_id in inserted:
+                    debts[entry.account_id] += entry.total_micros
+            if debts:
+                await connection.execute(
+                    update(accounts)
+                    .where(accounts.c.id == bindparam("account"))
+                    .values(debt_micros=accounts.c.debt_micros + bindparam("amount")),
+                    [{"account": account, "amount": amount} for account, amount
+                     in sorted(debts.items())],  # sorted: a fixed lock order, no deadlocks
+                )
+        return inserted
+
+
+def _unique(entries: Any) -> list[UsageEntry]:
+    """One row per request id (a duplicate in the same batch would fail the INSERT)."""
+    seen: dict[str, UsageEntry] = {}
+    for entry in entries:
+        seen.setdefault(entry.request_id, entry)
+    return list(seen.values())
