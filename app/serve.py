@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -127,6 +128,16 @@ async def _require_migrated(database_url: str) -> None:
         raise StartupError("the database schema is behind this version: run `tollgate migrate`")
 
 
+def freeze_startup_objects() -> None:
+    """Move everything allocated at startup out of the garbage collector's sight.
+
+    Imports (web3, pydantic, SQLAlchemy) leave ~130k long-lived objects; every full
+    collection walked them all, pausing the loop for ~100 ms under load.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,6 +184,7 @@ async def _serve_in_process(
 ) -> None:
     stop = _stop_event()
     runner, port = await _start_site(settings, catalog, backends, reuse_port=False)
+    freeze_startup_objects()
     print_banner(settings, catalog, started, port)
     await stop.wait()
     log.info("stopping: draining in-flight requests")
@@ -198,6 +210,7 @@ def _worker_main(spec: WorkerSpec, ready: Connection) -> None:
         stop = _stop_event()
         runner, port = await _start_site(spec.settings, spec.catalog, spec.backends,
                                          reuse_port=True)
+        freeze_startup_objects()
         ready.send(port)
         ready.close()
         await stop.wait()

@@ -28,11 +28,14 @@ from app.devstack.redis import EmbeddedRedis
 from app.http.app import Backends, create_app
 from app.serve import app_runner
 from app.storage.database import migrate_in_thread
+from tests.identity.wallets import authorize, bearer
 
 REPO = Path(__file__).resolve().parent.parent
 # A provider key that must never appear in any response or log line.
 SECRET_PROVIDER_KEY = "sk-test-SECRETKEYSHOULDNEVERLEAK"
 PROCESS_START_TIMEOUT_S = 30
+# Every test app signs session tokens with this key, so a token from one works on all.
+TEST_JWT_SECRET = "5e55104e" * 8
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +164,12 @@ def backends(postgres_url: str, redis_url: str) -> Backends:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    defaults: dict[str, Any] = {"max_body_bytes": 256 * 1024, "max_messages": 64}
+    defaults: dict[str, Any] = {
+        "max_body_bytes": 256 * 1024, "max_messages": 64, "jwt_secret": TEST_JWT_SECRET,
+        # Every test client is 127.0.0.1 and each session starts with POST /v1/authorize,
+        # which is limited per IP; tests of that limit set their own low value.
+        "rate_limit_ip_requests_per_min": 1_000_000,
+    }
     defaults.update(overrides)
     return load_settings(**defaults)
 
@@ -199,6 +207,30 @@ async def tollgate(catalog: Catalog, backends: Backends) -> AsyncIterator[Runnin
 
 
 @pytest.fixture(scope="session")
+async def session_token(tollgate: RunningTollgate) -> str:
+    """One wallet's session on the ``tollgate`` app, shared by the tests that just need a caller."""
+    async with aiohttp.ClientSession() as anonymous:
+        issued = await authorize(anonymous, tollgate.url)
+    return str(issued["token"])
+
+
+@pytest.fixture(scope="session")
+def auth_headers(session_token: str) -> dict[str, str]:
+    return bearer(session_token)
+
+
+@pytest.fixture(scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client without credentials (tests/proxy overrides it with ``authed_http``)."""
     async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+async def authed_http(auth_headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that sends the shared session token with every request.
+
+    Never revoke that session through it (DELETE /v1/authorize): every test shares it.
+    """
+    async with aiohttp.ClientSession(headers=auth_headers) as session:
         yield session

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import start_process
+from tests.identity.wallets import authorize
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY")
 
@@ -57,6 +58,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+async def session_token(url: str) -> str:
+    """A session for a fresh wallet on the served process (chain 31337 is the default)."""
+    async with aiohttp.ClientSession() as http:
+        return str((await authorize(http, url))["token"])
+
+
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="tgs-", dir="/tmp"))
@@ -66,7 +73,8 @@ def state_dir() -> Iterator[Path]:
 async def test_embedded_defaults_drain_and_reuse(state_dir: Path) -> None:
     process, url = serve(state_dir, "--port", "0")
     try:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        token = await session_token(url)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
         completion = await client.chat.completions.create(
             model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
         assert completion.choices[0].message.content
@@ -88,11 +96,15 @@ async def test_embedded_defaults_drain_and_reuse(state_dir: Path) -> None:
     assert not postmaster.exists(), "embedded Postgres was stopped"
     assert not (state_dir / "redis" / "redis.pid").exists(), "embedded Redis was stopped"
 
-    # A second start reuses the state dir: same database, already migrated.
+    # A second start reuses the state dir: same database, already migrated, same token key.
     process, url = serve(state_dir, "--port", "0")
     try:
         async with aiohttp.ClientSession() as http, http.get(f"{url}/health/ready") as response:
             assert response.status == 200
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        again = await client.chat.completions.create(
+            model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
+        assert again.choices[0].message.content, "the session survives a restart"
     finally:
         assert stop(process) == 0
     stderr = process.stderr.read() if process.stderr else ""
@@ -109,10 +121,12 @@ async def test_workers_share_one_port(
         workers = [child for child in psutil.Process(process.pid).children()
                    if "spawn" in " ".join(child.cmdline())]
         assert len(workers) == 2
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # Both workers share the state dir's token key: a session from one works on the other.
+        token = await session_token(url)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
         for _ in range(10):
             # A fresh connection each time lets the kernel spread them over the workers.
-            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as fresh:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token) as fresh:
                 done = await fresh.chat.completions.create(
                     model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
                 assert done.choices[0].message.content

@@ -8,6 +8,7 @@ worker starts; each process then writes its samples to files there and
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -36,6 +37,9 @@ class Metrics:
     name = "metrics"
 
     def __init__(self) -> None:
+        # Labelled children looked up by label values: prometheus' labels() is ~10 calls
+        # and a lock each time; labels are bounded by the catalog, so the cache is too.
+        self._children: dict[tuple[object, ...], Any] = {}
         # In multiprocess mode samples go to files, not to an in-memory registry.
         registry = None if multiprocess_mode() else CollectorRegistry()
         self.registry: CollectorRegistry | None = registry
@@ -76,33 +80,41 @@ class Metrics:
     async def admit(self, call: ChatCall) -> None:
         self.in_flight.inc()
 
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (id(family), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     async def settle(self, call: ChatCall) -> None:
         self.in_flight.dec()
         outcome = call.outcome
         model = outcome.candidate.model.id if outcome.candidate else call.chat.model
         provider = outcome.candidate.route.provider.name if outcome.candidate else "none"
         streamed = "true" if outcome.streamed else "false"
-        self.requests.labels(model, provider, outcome.status, streamed).inc()
+        self._child(self.requests, model, provider, outcome.status, streamed).inc()
         if outcome.latency_s is not None:
-            self.latency.labels(model, streamed).observe(outcome.latency_s)
+            self._child(self.latency, model, streamed).observe(outcome.latency_s)
         if outcome.streamed and outcome.time_to_first_chunk_s is not None:
-            self.first_chunk.labels(model, provider).observe(outcome.time_to_first_chunk_s)
+            self._child(self.first_chunk, model, provider).observe(
+                outcome.time_to_first_chunk_s)
         if outcome.usage is not None:
-            self.tokens.labels(model, "prompt").inc(outcome.usage.prompt_tokens)
-            self.tokens.labels(model, "completion").inc(outcome.usage.completion_tokens)
+            self._child(self.tokens, model, "prompt").inc(outcome.usage.prompt_tokens)
+            self._child(self.tokens, model, "completion").inc(outcome.usage.completion_tokens)
 
     async def count_response(self, request: web.Request, response: web.StreamResponse) -> None:
         """on_response_prepare: every answer, refused ones included, by route and status."""
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        self.http_responses.labels(route, str(response.status)).inc()
+        self._child(self.http_responses, route, str(response.status)).inc()
 
     def spent(self, model: str, base_micros: int, commission_micros: int) -> None:
-        self.spend.labels(model, "base").inc(base_micros)
-        self.spend.labels(model, "commission").inc(commission_micros)
+        self._child(self.spend, model, "base").inc(base_micros)
+        self._child(self.spend, model, "commission").inc(commission_micros)
 
     def upstream_failed(self, failure: RouteFailure) -> None:
-        self.upstream_errors.labels(failure.provider, failure.kind.value).inc()
+        self._child(self.upstream_errors, failure.provider, failure.kind.value).inc()
 
     def exposition(self) -> bytes:
         if self.registry is not None:

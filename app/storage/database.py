@@ -31,7 +31,8 @@ def create_engine(url: str) -> AsyncEngine:
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
         pool_timeout=POOL_TIMEOUT_S,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout on the hot path; a dead
+        # connection fails its statement, is dropped from the pool, and callers retry.
         connect_args={
             "server_settings": {
                 "statement_timeout": str(STATEMENT_TIMEOUT_MS),

@@ -14,8 +14,8 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture
-def client(tollgate: RunningTollgate) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=tollgate.v1, api_key="unused", max_retries=0)
+def client(tollgate: RunningTollgate, session_token: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=tollgate.v1, api_key=session_token, max_retries=0)
 
 
 async def test_non_streaming_completion(client: openai.AsyncOpenAI) -> None:

@@ -190,7 +190,7 @@ async def test_drop_falls_back_and_hang_times_out(
 
 async def test_client_disconnect_cancels_the_upstream(
     http: aiohttp.ClientSession, tollgate: RunningTollgate, mock_upstream: MockUpstream,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, auth_headers: dict[str, str],
 ) -> None:
     async with http.get(f"{mock_upstream.root}/mock/stats") as response:
         cancelled_before = (await response.json())["cancelled"]
@@ -200,7 +200,7 @@ async def test_client_disconnect_cancels_the_upstream(
     body = {"model": "test-model", "messages": HELLO, "stream": True,
             "provider": {"only": ["mock"]},
             "mock": {"chunks": 200, "chunk_delay_ms": 50}}
-    async with aiohttp.ClientSession() as own:
+    async with aiohttp.ClientSession(headers=auth_headers) as own:
         response = await own.post(f"{tollgate.v1}/chat/completions", json=body)
         first = await response.content.readuntil(b"\n\n")
         assert b'"role":"assistant"' in first
@@ -234,14 +234,14 @@ async def test_keepalive_comments_while_upstream_is_silent(
 
 
 async def test_chunks_are_relayed_as_they_arrive(
-    tollgate: RunningTollgate,
+    tollgate: RunningTollgate, auth_headers: dict[str, str],
 ) -> None:
     """Each chunk reaches the client on its own: the upstream spaces them 300 ms apart."""
     body = {"model": "test-model", "messages": HELLO, "stream": True,
             "mock": {"chunks": 4, "chunk_delay_ms": 300}}
     loop = asyncio.get_running_loop()
     arrivals: list[float] = []
-    async with aiohttp.ClientSession() as own, own.post(
+    async with aiohttp.ClientSession(headers=auth_headers) as own, own.post(
         f"{tollgate.v1}/chat/completions", json=body
     ) as response:
         while True:

@@ -1,0 +1,155 @@
+"""The identity service: authorize a wallet, authenticate a token, revoke sessions.
+
+Authenticating a request costs: one local JWT verification, one Redis GET (is
+the session revoked?), and the session's account row from a 2 s in-process
+cache (Postgres on a miss). When Redis cannot answer, Postgres decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app.config.settings import Settings
+from app.errors import PermissionDenied
+from app.identity.account_cache import SessionAccountCache
+from app.identity.authorization import Authorization, check_authorization
+from app.identity.principal import Principal
+from app.identity.revocation_list import RevocationList
+from app.identity.session_store import Account, SessionAccount, SessionStore
+from app.identity.tokens import SessionClaims, TokenCodec, account_reference, token_refused
+from app.identity.verifier import AuthorizationVerifier
+
+log = logging.getLogger(__name__)
+
+JTI_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    """A new session and its token: the body of the 201 answer to POST /v1/authorize."""
+
+    token: str
+    jti: str
+    expires_at_s: int
+    account: Account
+
+    def body(self) -> dict[str, object]:
+        return {
+            "object": "session",
+            "token": self.token,
+            "expiresAt": self.expires_at_s,
+            "sessionId": self.jti,
+            "account": {
+                "id": account_reference(self.account.id),
+                "wallet": self.account.wallet,
+                "smartAccount": self.account.smart_account,
+                "chainId": self.account.chain_id,
+            },
+        }
+
+
+class Sessions:
+    """Everything identity does at request time, with the parts it needs."""
+
+    def __init__(
+        self, settings: Settings, *, codec: TokenCodec, store: SessionStore,
+        revocations: RevocationList, cache: SessionAccountCache,
+        verifier: AuthorizationVerifier,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.store = store
+        self.revocations = revocations
+        self.cache = cache
+        self.verifier = verifier
+
+    async def authorize(self, authorization: Authorization, signature: bytes) -> IssuedSession:
+        """Check, verify, record, then sign: the token exists only for a committed session."""
+        now_s = time.time()
+        check_authorization(authorization, self.settings, now_s)
+        await self.verifier.verify(authorization, signature)
+        jti = secrets.token_hex(JTI_BYTES)
+        issued_at_s = int(now_s)
+        account = await self.store.create(
+            authorization, jti=jti, issued_at_s=issued_at_s,
+            credit_limit_micros=self.settings.default_credit_limit_micros,
+        )
+        token = self.codec.issue(SessionClaims(
+            account_id=account.id, wallet=authorization.wallet,
+            smart_account=authorization.smart_account, chain_id=authorization.chain_id,
+            session_key=authorization.session_key, jti=jti, issued_at_s=issued_at_s,
+            expires_at_s=authorization.expires_at_s,
+        ))
+        log.info("session %s opened for %s (wallet %s)", jti, account_reference(account.id),
+                 authorization.wallet)
+        return IssuedSession(token, jti, authorization.expires_at_s, account)
+
+    async def authenticate(self, token: str) -> Principal:
+        """The principal of a live session token, or 401 (bad token) / 403 (suspended)."""
+        claims = self.codec.verify(token)
+        revoked = await self.revocations.is_revoked(claims.jti)
+        if revoked:
+            raise token_refused("the session was revoked", "token_revoked")
+        # Without an answer from Redis the row is read fresh: Postgres is the truth.
+        row = self.cache.get(claims.jti) if revoked is not None else None
+        if row is None:
+            row = await self.store.load(claims.jti)
+            if row is None:
+                raise token_refused("the session does not exist", "unknown_session")
+            self.cache.put(row)
+        if row.revoked:
+            raise token_refused("the session was revoked", "token_revoked")
+        _check_agreement(claims, row)
+        if row.account.status != "active":
+            raise PermissionDenied("the account is suspended", code="account_suspended")
+        return Principal(
+            account_id=row.account.id,
+            chain_id=row.chain_id,
+            wallet=row.wallet,
+            smart_account=row.account.smart_account,
+            session_jti=row.jti,
+            session_key=row.session_key,
+            rate_limit_requests_per_min=row.account.rate_limit_requests_per_min,
+            rate_limit_tokens_per_min=row.account.rate_limit_tokens_per_min,
+        )
+
+    async def revoke_session(self, principal: Principal, jti: str) -> list[str] | None:
+        """Revoke one of the principal's account's sessions; None if it has no such one."""
+        revoked = await self.store.revoke_session(principal.account_id, jti)
+        if revoked is None:
+            return None
+        await self.revocations.publish(revoked)
+        return [session.jti for session in revoked]
+
+    async def revoke_account(self, principal: Principal) -> list[str]:
+        revoked = await self.store.revoke_account(principal.account_id, self.codec.leeway_s)
+        await self.revocations.publish(revoked)
+        log.info("%d session(s) of %s revoked by the account", len(revoked),
+                 account_reference(principal.account_id))
+        return [session.jti for session in revoked]
+
+    async def revoke_wallet(self, wallet: str) -> list[str]:
+        revoked = await self.store.revoke_wallet(wallet, self.codec.leeway_s)
+        await self.revocations.publish(revoked)
+        log.warning("%d session(s) of wallet %s revoked by the operator", len(revoked), wallet)
+        return [session.jti for session in revoked]
+
+    async def has_live_session(self, wallet: str) -> bool:
+        return await self.store.wallet_has_live_session(wallet)
+
+
+def _check_agreement(claims: SessionClaims, row: SessionAccount) -> None:
+    """A token we signed always agrees with its session row; if not, refuse and say so."""
+    if (claims.account_id, claims.wallet, claims.chain_id, claims.session_key) != (
+        row.account.id, row.wallet, row.chain_id, row.session_key
+    ) or claims.smart_account != row.account.smart_account:
+        log.error("token of session %s disagrees with its row: key leaked or a bug", claims.jti)
+        raise token_refused("the session token's claims are invalid", "invalid_token_claims")
+
+
+SESSIONS = web.AppKey("identity_sessions", Sessions)

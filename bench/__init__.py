@@ -1,0 +1,1 @@
+"""Benchmarks of Tollgate against a direct upstream and a bare pass-through proxy."""
