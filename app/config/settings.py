@@ -124,6 +124,14 @@ class Settings(BaseSettings):
             return (value,)
         return value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # HS256 with a short secret can be brute-forced offline from any token.
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return value
+
     @model_validator(mode="after")
     def _jwt_key_present(self) -> Settings:
         if self.jwt_algorithm == "ES256" and self.jwt_private_key_pem is None:

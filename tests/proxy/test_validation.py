@@ -170,3 +170,11 @@ async def test_request_ids(http: aiohttp.ClientSession, tollgate: RunningTollgat
         assert response.status == 400
         assert response.headers["X-Request-Id"].startswith("req_")
         assert "X-Client-Request-Id" not in response.headers
+
+
+async def test_credentials_are_checked_before_the_body(tollgate: RunningTollgate) -> None:
+    async with aiohttp.ClientSession() as anonymous, anonymous.post(
+        f"{tollgate.v1}/chat/completions", data=b"{not json"
+    ) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "missing_token"

@@ -8,6 +8,7 @@ from aiohttp import web
 from app.errors import InvalidRequest
 from app.http.keys import CATALOG, FORWARDER, PIPELINE, SETTINGS
 from app.http.request_context import request_id
+from app.identity.authenticate import authenticate
 from app.proxy.chat_request import parse_chat_request
 from app.proxy.pipeline import ChatCall
 from app.proxy.routing import plan_routes
@@ -17,6 +18,9 @@ PROVIDER_HEADER = "X-Tollgate-Provider"
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
+    # Credentials first: an anonymous caller gets 401 before we read megabytes of body.
+    # The identity stage later reuses the principal cached on the request.
+    await authenticate(request)
     raw = await request.read()
     try:
         body = orjson.loads(raw)
