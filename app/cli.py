@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--state-dir", type=Path,
                          help="migrate the embedded database of this state dir instead")
 
+    wallet = commands.add_parser(
+        "dev-wallet", help="a local dev wallet and a ready session token for a running Tollgate"
+    )
+    wallet.add_argument("--url", help="Tollgate's URL (default http://TOLLGATE_HOST:PORT)")
+    wallet.add_argument("--state-dir", type=Path, help="where the dev wallet key is kept")
+    wallet.add_argument("--json", action="store_true", help="machine-readable output")
+    wallet.add_argument("--token", action="store_true", help="print only the session token")
+
     mock = commands.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8401)
@@ -41,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "migrate":
             return _migrate(args)
+        if args.command == "dev-wallet":
+            return _dev_wallet(args)
         if args.command == "mock-upstream":
             from app.devstack.mock_upstream import run_mock_upstream
 
@@ -62,6 +72,29 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     catalog = load_catalog(settings.catalog)
     return run_serve(settings, catalog)
+
+
+def _dev_wallet(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from app.devstack.dev_wallet import create_session, describe, load_or_create_wallet
+
+    settings = load_settings(state_dir=args.state_dir)
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    wallet = load_or_create_wallet(settings.state_dir.resolve())
+    try:
+        session = asyncio.run(create_session(url, wallet))
+    except (OSError, RuntimeError) as error:
+        print(f"tollgate dev-wallet: {type(error).__name__}: {error} "
+              f"(is `tollgate serve` running at {url}?)",
+              file=sys.stderr)
+        return 1
+    if args.token:
+        print(session.token)
+    else:
+        print(json.dumps(session.to_json(), indent=2) if args.json else describe(session, url))
+    return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:

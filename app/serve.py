@@ -280,6 +280,11 @@ async def _stop_workers(processes: list[multiprocessing.process.BaseProcess],
 # -- output ----------------------------------------------------------------------
 
 
+def _tollgate_command() -> str:
+    """How this very installation is started, so the printed command works as pasted."""
+    return f"{sys.executable} -m app"
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level,
@@ -302,13 +307,14 @@ def print_banner(settings: Settings, catalog: Catalog, started: Started, port: i
            if catalog.skipped_providers else ""),
         f"  models: {', '.join(catalog.models)}",
         "",
-        "Try it:",
-        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
-        "\"content\": \"Hello\"}]}'",
+        "Try it: every call needs a session token from a wallet signature. For development,",
+        f"  export TOLLGATE_TOKEN=$({_tollgate_command()} dev-wallet --url {url} --token)",
+        f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $TOLLGATE_TOKEN\" \\",
+        f"    -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
         "",
-        "  from openai import OpenAI",
-        f"  client = OpenAI(base_url=\"{url}/v1\", api_key=\"unused\")",
+        "  import os; from openai import OpenAI",
+        f"  client = OpenAI(base_url=\"{url}/v1\", api_key=os.environ[\"TOLLGATE_TOKEN\"])",
         f"  print(client.chat.completions.create(model=\"{model}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
         "",
