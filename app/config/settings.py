@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
 
     # Rate limits: token buckets in Redis. Per account per minute, per IP per minute.
-    rate_limit_requests_per_min: int = Field(default=600, ge=1)
-    rate_limit_tokens_per_min: int = Field(default=2_000_000, ge=1)
-    rate_limit_ip_requests_per_min: int = Field(default=120, ge=1)
+    # Upper bounds keep bucket arithmetic exact in Redis' Lua doubles (capacity x 60000 < 2^51).
+    rate_limit_requests_per_min: int = Field(default=600, ge=1, le=10**9)
+    rate_limit_tokens_per_min: int = Field(default=2_000_000, ge=1, le=10**10)
+    rate_limit_ip_requests_per_min: int = Field(default=120, ge=1, le=10**9)
     # When Redis cannot be reached: "closed" refuses with 503, "open" lets requests through.
     rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
 

@@ -9,10 +9,14 @@ REDIS_MAX_CONNECTIONS = 64
 
 
 def create_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    # A blocking pool: past max_connections a command waits for a free connection
+    # (up to the timeout) instead of failing, so a burst of calls is served, not 503'd.
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
-        max_connections=REDIS_MAX_CONNECTIONS,
         decode_responses=False,
     )
+    return redis.Redis(connection_pool=pool)

@@ -1,0 +1,97 @@
+"""The pipeline stage that applies an account's request and token limits to chat calls.
+
+``admit`` debits one request and the most tokens the call can use (prompt
+estimate plus output ceiling) from the account's two buckets in one step.
+``settle`` gives back what the call did not use, or takes what it used beyond
+the estimate, once the real usage is known: nothing produced counts as 0.
+
+Until the identity stage sets ``call.principal``, a call has no account and no
+account limits apply (the unauthenticated endpoints are limited per IP by
+``app.limits.ip_limit`` instead). Once authentication is in place a chat call
+without a principal cannot reach this stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from app.identity.principal import Principal
+from app.limits.bucket_keys import account_request_key, account_token_key
+from app.limits.headers import publish_headers
+from app.limits.limiter import Limit, Limiter
+from app.limits.token_buckets import Bucket
+from app.proxy.pipeline import ChatCall, estimated_max_tokens
+
+STAGE_NAME = "limits"
+REQUESTS_LABEL = "account_requests"
+TOKENS_LABEL = "account_tokens"
+
+
+class LimitsStage:
+    """Per-account requests-per-minute and tokens-per-minute limits."""
+
+    name = STAGE_NAME
+
+    def __init__(self, limiter: Limiter, *, requests_per_min: int, tokens_per_min: int) -> None:
+        self.limiter = limiter
+        self.requests_per_min = requests_per_min
+        self.tokens_per_min = tokens_per_min
+        self._corrections: set[asyncio.Task[None]] = set()
+
+    async def admit(self, call: ChatCall) -> None:
+        if call.principal is None:
+            return
+        requests, tokens = self.limits(call.principal, estimated_max_tokens(call))
+        admission = await self.limiter.acquire(requests, tokens)
+        if admission is None:
+            return  # Redis is down and the operator chose to fail open: nothing was debited.
+        call.notes[self.name] = tokens.bucket
+        call.response_headers.update(admission.headers)
+        publish_headers(call.http, admission.headers)
+
+    async def settle(self, call: ChatCall) -> None:
+        debit = call.notes.get(self.name)
+        if debit is None:
+            return
+        assert isinstance(debit, Bucket), "limits notes hold the debited tokens bucket"
+        usage = call.outcome.usage
+        used_tokens = usage.total_tokens if usage is not None else 0
+        # The script keeps levels within [-capacity, capacity]; a larger correction
+        # (a wild usage report) would change nothing more.
+        range_tokens = 2 * debit.capacity_tokens
+        correction = max(-range_tokens, min(range_tokens, debit.amount_tokens - used_tokens))
+        if correction != 0:
+            # The correction is not money and the caller need not wait for it: it runs
+            # after the response, tracked so that shutdown waits for it (drain).
+            task = asyncio.ensure_future(
+                self.limiter.adjust(replace(debit, amount_tokens=correction))
+            )
+            self._corrections.add(task)
+            task.add_done_callback(self._corrections.discard)
+
+    async def drain(self) -> None:
+        """Wait for corrections still on their way to Redis."""
+        while self._corrections:
+            await asyncio.gather(*self._corrections, return_exceptions=True)
+
+    def limits(self, principal: Principal, estimated_tokens: int) -> tuple[Limit, Limit]:
+        """The account's two limits: its own overrides, or the global defaults."""
+        requests_per_min = principal.rate_limit_requests_per_min
+        if requests_per_min is None:
+            requests_per_min = self.requests_per_min
+        tokens_per_min = principal.rate_limit_tokens_per_min
+        if tokens_per_min is None:
+            tokens_per_min = self.tokens_per_min
+        account_id = principal.account_id
+        requests = Limit(
+            REQUESTS_LABEL,
+            "requests per minute for this account",
+            Bucket(account_request_key(account_id), requests_per_min, 1),
+        )
+        tokens = Limit(
+            TOKENS_LABEL,
+            "tokens per minute for this account",
+            Bucket(account_token_key(account_id), tokens_per_min, estimated_tokens),
+        )
+        return requests, tokens

@@ -1,0 +1,86 @@
+"""Fixtures of the limits tests: a roomy Redis client, fresh bucket owners, dead Redis URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter
+
+from app.limits.limiter import Limiter, OnRedisError
+from app.limits.token_buckets import TokenBuckets
+
+# Enough connections for the concurrency tests; a blocking pool queues the rest
+# instead of failing them, as a production pool under load should.
+TEST_POOL_CONNECTIONS = 64
+POOL_WAIT_S = 5.0
+
+
+def roomy_client(url: str) -> redis.Redis:
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=TEST_POOL_CONNECTIONS, timeout=POOL_WAIT_S
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    client = roomy_client(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def buckets(redis_client: redis.Redis) -> TokenBuckets:
+    return TokenBuckets(redis_client)
+
+
+@pytest.fixture
+def owner() -> str:
+    """A hash tag no other test uses, so every test starts from full buckets."""
+    return f"test:{secrets.token_hex(6)}"
+
+
+def refusal_counter() -> Counter:
+    return Counter("tollgate_rate_limited", "test", ["limit"], registry=CollectorRegistry())
+
+
+def make_limiter(client: redis.Redis, on_redis_error: OnRedisError = "closed") -> Limiter:
+    token_buckets = TokenBuckets(client)
+    return Limiter(
+        lambda: token_buckets, on_redis_error=on_redis_error, refusals=refusal_counter()
+    )
+
+
+def closed_tcp_url() -> str:
+    """A loopback port that was free a moment ago: connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+MISSING_SOCKET_URL = "unix:///tmp/tollgate-no-such-dir/redis.sock"
+
+
+@pytest.fixture
+async def silent_redis_url() -> AsyncIterator[str]:
+    """A server that accepts connections and never answers: only our timeout ends a call."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
