@@ -20,9 +20,11 @@ from app.limits.bucket_keys import hash_tag
 
 SCRIPT_SOURCE = resources.files("app.limits").joinpath("token_bucket.lua").read_text("utf-8")
 MINUTE_MS = 60_000
-# Far below Redis's own 2 s socket timeout: a limiter that cannot answer quickly is
-# treated as down, so a sick Redis adds at most this much to every request.
-CALL_TIMEOUT_S = 0.25
+# Below Redis's own 2 s socket timeout: a limiter that cannot answer in time is treated
+# as down, so a sick Redis adds at most this much to a request. Not tighter: on a loaded
+# 2-core host a healthy Redis call can wait a few hundred ms for the event loop, and
+# fail-closed would turn that into 503s.
+CALL_TIMEOUT_S = 1.0
 # The script stores a level of capacity * period ticks in a double; staying under
 # 2^51 keeps it, and a debt of the same size, exact (doubles are exact to 2^53).
 TICKS_MAX = 2**51
