@@ -14,6 +14,7 @@ challenge (RFC 6750 section 3.1: no error code when none were presented).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import jwt
@@ -99,6 +100,10 @@ _REFUSALS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
 )
 
 
+# Verified tokens kept per process (a few hundred bytes each).
+VERIFIED_TOKENS_MAX = 50_000
+
+
 class TokenCodec:
     """Issues and verifies session tokens with one key and algorithm."""
 
@@ -107,6 +112,10 @@ class TokenCodec:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
+        # Tokens already verified, by their exact text. A signature check is a pure
+        # function of the token, so its result can be reused until the token expires;
+        # revocation is not cached here and is checked on every request.
+        self._verified: dict[str, SessionClaims] = {}
 
     def issue(self, claims: SessionClaims) -> str:
         payload = {
@@ -125,6 +134,16 @@ class TokenCodec:
 
     def verify(self, token: str) -> SessionClaims:
         """The claims of a token we issued that is still in its lifetime, or a 401."""
+        claims = self._verified.get(token)
+        if claims is not None and time.time() < claims.expires_at_s + self.leeway_s:
+            return claims
+        claims = self._verify_signature(token)
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            self._verified.clear()  # Simple bound; live tokens are re-verified once.
+        self._verified[token] = claims
+        return claims
+
+    def _verify_signature(self, token: str) -> SessionClaims:
         try:
             payload = jwt.decode(
                 token,

@@ -37,7 +37,10 @@ class LimitsStage:
         self.limiter = limiter
         self.requests_per_min = requests_per_min
         self.tokens_per_min = tokens_per_min
-        self._corrections: set[asyncio.Task[None]] = set()
+        # Corrections waiting to be sent, summed per bucket: while one flush is on its
+        # way to Redis, the next requests' corrections pile up and go as one command.
+        self._pending: dict[str, Bucket] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def admit(self, call: ChatCall) -> None:
         if call.principal is None:
@@ -62,18 +65,31 @@ class LimitsStage:
         range_tokens = 2 * debit.capacity_tokens
         correction = max(-range_tokens, min(range_tokens, debit.amount_tokens - used_tokens))
         if correction != 0:
-            # The correction is not money and the caller need not wait for it: it runs
-            # after the response, tracked so that shutdown waits for it (drain).
-            task = asyncio.ensure_future(
-                self.limiter.adjust(replace(debit, amount_tokens=correction))
-            )
-            self._corrections.add(task)
-            task.add_done_callback(self._corrections.discard)
+            # The correction is not money and the caller need not wait for it: it is
+            # sent after the response, and shutdown waits for it (drain).
+            self._queue(replace(debit, amount_tokens=correction))
+
+    def _queue(self, correction: Bucket) -> None:
+        queued = self._pending.get(correction.key)
+        if queued is not None:
+            total = queued.amount_tokens + correction.amount_tokens
+            range_tokens = 2 * correction.capacity_tokens
+            correction = replace(correction,
+                                 amount_tokens=max(-range_tokens, min(range_tokens, total)))
+        self._pending[correction.key] = correction
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            await asyncio.gather(*(self.limiter.adjust(bucket) for bucket in batch.values()
+                                   if bucket.amount_tokens != 0))
 
     async def drain(self) -> None:
         """Wait for corrections still on their way to Redis."""
-        while self._corrections:
-            await asyncio.gather(*self._corrections, return_exceptions=True)
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
 
     def limits(self, principal: Principal, estimated_tokens: int) -> tuple[Limit, Limit]:
         """The account's two limits: its own overrides, or the global defaults."""

@@ -240,3 +240,34 @@ async def test_a_silent_redis_costs_at_most_the_call_timeout(
         await stage.admit(call)
     assert time.monotonic() - started_s < CALL_TIMEOUT_S + 0.5
     await client.aclose()
+
+
+async def test_corrections_of_many_calls_are_coalesced_and_exact(
+    redis_client: redis.Redis,
+) -> None:
+    limiter = make_limiter(redis_client)
+    sent: list[int] = []
+    original = limiter.adjust
+
+    async def counting_adjust(bucket: Bucket) -> None:
+        sent.append(bucket.amount_tokens)
+        await original(bucket)
+
+    limiter.adjust = counting_adjust  # type: ignore[method-assign]
+    stage = stage_for(limiter)
+    principal = account()
+    calls = [chat_call(principal) for _ in range(10)]
+    started_s = time.monotonic()
+    for call in calls:
+        await stage.admit(call)
+    for call in calls:
+        call.outcome.usage = Usage(prompt_tokens=20, completion_tokens=10)
+        await stage.settle(call)
+    await stage.drain()
+    assert len(sent) < len(calls), "corrections queued together went as one command"
+    assert sum(sent) == 10 * (ESTIMATE_TOKENS - 30)
+    probe = Bucket(account_token_key(principal.account_id), TOKENS_PER_MIN, 0)
+    state = (await limiter._buckets().acquire([probe])).states[0]
+    refill_tokens = (time.monotonic() - started_s) * 1000 * TOKENS_PER_MIN / 60_000
+    expected = TOKENS_PER_MIN - 10 * 30
+    assert expected <= state.remaining_tokens <= min(TOKENS_PER_MIN, expected + refill_tokens + 1)
