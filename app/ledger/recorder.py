@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -42,19 +40,38 @@ WRITE_RETRY_DELAY_S = 0.2
 MAX_QUEUED_RECORDS = 10_000
 
 
-# Built once: a statement made per batch (``.values([...])``) is compiled per batch,
-# which cost more CPU than the write itself. Executed with a list of rows, SQLAlchemy
-# sends one multi-row INSERT (insertmanyvalues) and returns the ids that went in.
-INSERT_RECORDS = (
-    insert(usage_records)
-    .on_conflict_do_nothing(index_elements=["request_id"])
-    .returning(usage_records.c.request_id)
+# The columns of a record and their Postgres array types, in one place.
+RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("request_id", "text"), ("account_id", "bigint"), ("session_jti", "text"),
+    ("public_model", "text"), ("provider", "text"), ("upstream_model", "text"),
+    ("prompt_tokens", "integer"), ("completion_tokens", "integer"),
+    ("cached_tokens", "integer"), ("reasoning_tokens", "integer"),
+    ("base_cost_micros", "bigint"), ("commission_rate_bps", "integer"),
+    ("commission_micros", "bigint"), ("total_micros", "bigint"), ("status", "text"),
+    ("streamed", "boolean"), ("usage_source", "text"), ("latency_ms", "integer"),
+    ("time_to_first_chunk_ms", "integer"),
 )
-ADD_DEBT = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("account"))
-    .values(debt_micros=accounts.c.debt_micros + bindparam("amount"))
+_NAMES = ", ".join(name for name, _ in RECORD_COLUMNS)
+_ARRAYS = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in RECORD_COLUMNS)
+# One statement, built once, one round trip: insert the batch (one array per column),
+# skip request ids already recorded, and add exactly the inserted totals to the
+# accounts' debt. A statement is atomic, so the records and the debts move together.
+WRITE_BATCH = text(f"""
+WITH inserted AS (
+    INSERT INTO {usage_records.name} ({_NAMES})
+    SELECT * FROM unnest({_ARRAYS})
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id, account_id, total_micros
+), debts AS (
+    UPDATE {accounts.name} AS account
+    SET debt_micros = account.debt_micros + owed.total
+    FROM (SELECT account_id, sum(total_micros) AS total FROM inserted GROUP BY account_id)
+        AS owed
+    WHERE account.id = owed.account_id
+    RETURNING account.id
 )
+SELECT request_id FROM inserted
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,20 +184,14 @@ class UsageRecorder:
 
     async def _write(self, entries: list[UsageEntry]) -> set[str]:
         """One transaction: insert new records, add their totals to their accounts' debt."""
+        # Postgres does not promise the UPDATE locks accounts in input order, so two
+        # processes writing the same accounts can deadlock; Postgres then aborts one
+        # transaction, which is retried above with nothing written.
+        rows = sorted(entries, key=lambda entry: entry.account_id)
+        columns = {name: [getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS}
         async with self.engine.begin() as connection:
-            result = await connection.execute(INSERT_RECORDS, [entry.row() for entry in entries])
-            inserted = set(result.scalars())
-            debts: dict[int, int] = defaultdict(int)
-            for entry in entries:
-                if entry.request_id in inserted:
-                    debts[entry.account_id] += entry.total_micros
-            if debts:
-                await connection.execute(
-                    ADD_DEBT,
-                    [{"account": account, "amount": amount} for account, amount
-                     in sorted(debts.items())],  # sorted: a fixed lock order, no deadlocks
-                )
-        return inserted
+            result = await connection.execute(WRITE_BATCH, columns)
+            return set(result.scalars())
 
 
 def _unique(entries: Any) -> list[UsageEntry]:
