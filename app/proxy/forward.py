@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -42,6 +42,7 @@ from app.proxy.upstream import (
 # absorb jitter, small enough that a slow client slows the upstream read.
 STREAM_QUEUE_EVENTS = 64
 
+T = TypeVar("T")
 FailureObserver = Callable[[RouteFailure], None]
 ResponseFactory = Callable[[ChatCall], web.StreamResponse]
 
@@ -102,16 +103,18 @@ class Forwarder:
         document["usage"] = {**outcome.usage.to_openai(), **call.usage_extra}
         return document
 
-    async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
+    async def _first_success(
+        self, call: ChatCall, attempt: Callable[[Candidate], Awaitable[T]]
+    ) -> T:
+        """Try the plan's routes in order; the first that succeeds serves the call.
+
+        Only a retryable failure moves on to the next route; any other is the answer.
+        """
         last: RouteFailure | None = None
         for candidate in call.plan:
-            provider = candidate.route.provider
             call.outcome.attempts += 1
             try:
-                response = await open_response(
-                    self.session, provider, self._upstream_body(call, candidate), call.request_id
-                )
-                document = await read_json_body(response, provider)
+                result = await attempt(candidate)
             except RouteFailure as failure:
                 self._failed(call, failure)
                 if not failure.retryable:
@@ -119,8 +122,18 @@ class Forwarder:
                 last = failure
                 continue
             call.outcome.candidate = candidate
-            return document
+            return result
         raise _exhausted(last)
+
+    async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
+        async def attempt(candidate: Candidate) -> dict[str, Any]:
+            provider = candidate.route.provider
+            response = await open_response(
+                self.session, provider, self._upstream_body(call, candidate), call.request_id
+            )
+            return await read_json_body(response, provider)
+
+        return await self._first_success(call, attempt)
 
     # -- streaming -----------------------------------------------------------
 
@@ -153,28 +166,20 @@ class Forwarder:
                 await relay.close()
 
     async def _first_event(self, call: ChatCall) -> _OpenStream:
-        last: RouteFailure | None = None
-        for candidate in call.plan:
+        async def attempt(candidate: Candidate) -> _OpenStream:
             provider = candidate.route.provider
-            call.outcome.attempts += 1
-            relay: _OpenStream | None = None
+            response = await open_response(
+                self.session, provider, self._upstream_body(call, candidate), call.request_id
+            )
+            relay = _OpenStream(response, provider)
             try:
-                response = await open_response(
-                    self.session, provider, self._upstream_body(call, candidate), call.request_id
-                )
-                relay = _OpenStream(response, provider)
                 await relay.peek(provider.first_byte_timeout_s)
-            except RouteFailure as failure:
-                if relay is not None:
-                    await relay.close()
-                self._failed(call, failure)
-                if not failure.retryable:
-                    raise failure.to_api_error() from None
-                last = failure
-                continue
-            call.outcome.candidate = candidate
+            except RouteFailure:
+                await relay.close()
+                raise
             return relay
-        raise _exhausted(last)
+
+        return await self._first_success(call, attempt)
 
     async def _relay(
         self, call: ChatCall, relay: _OpenStream, response: web.StreamResponse
