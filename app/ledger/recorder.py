@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -52,11 +52,16 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
     ("time_to_first_chunk_ms", "integer"),
 )
 _NAMES = ", ".join(name for name, _ in RECORD_COLUMNS)
-_ARRAYS = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in RECORD_COLUMNS)
+_ARRAYS = ", ".join(
+    f"${position}::{kind}[]" for position, (_, kind) in enumerate(RECORD_COLUMNS, start=1)
+)
 # One statement, built once, one round trip: insert the batch (one array per column),
 # skip request ids already recorded, and add exactly the inserted totals to the
 # accounts' debt. A statement is atomic, so the records and the debts move together.
-WRITE_BATCH = text(f"""
+# It runs on the pooled connection's asyncpg driver, prepared once per connection:
+# through SQLAlchemy's execution layers the same write cost 2.0 ms at c=1, directly
+# 0.85 ms. The table and column names still come from the SQLAlchemy metadata.
+WRITE_BATCH = f"""
 WITH inserted AS (
     INSERT INTO {usage_records.name} ({_NAMES})
     SELECT * FROM unnest({_ARRAYS})
@@ -71,7 +76,7 @@ WITH inserted AS (
     RETURNING account.id
 )
 SELECT request_id FROM inserted
-""")
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,8 @@ class UsageRecorder:
             try:
                 inserted = await self._write(entries)
                 break
-            except (SQLAlchemyError, OSError) as error:
+            except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    OSError) as error:
                 log.error("usage write failed (attempt %d/%d): %s", attempt, WRITE_ATTEMPTS,
                           error)
                 if attempt == WRITE_ATTEMPTS:
@@ -188,10 +194,19 @@ class UsageRecorder:
         # processes writing the same accounts can deadlock; Postgres then aborts one
         # transaction, which is retried above with nothing written.
         rows = sorted(entries, key=lambda entry: entry.account_id)
-        columns = {name: [getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS}
-        async with self.engine.begin() as connection:
-            result = await connection.execute(WRITE_BATCH, columns)
-            return set(result.scalars())
+        arrays = [[getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS]
+        async with self.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            try:
+                records = await driver.fetch(WRITE_BATCH, *arrays)
+            except (asyncpg.InterfaceError, OSError):
+                # Errors from the driver bypass SQLAlchemy: a connection that broke
+                # mid-query must not go back to the pool for the next batch.
+                await connection.invalidate()
+                raise
+        return {record["request_id"] for record in records}
 
 
 def _unique(entries: Any) -> list[UsageEntry]:

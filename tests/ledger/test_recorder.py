@@ -91,3 +91,22 @@ def test_entry_refuses_totals_that_do_not_add_up() -> None:
     good = entry(1, total=11)
     with pytest.raises(AssertionError):
         UsageEntry(**{**good.row(), "total_micros": 12})
+
+
+async def test_a_connection_killed_under_the_recorder_is_replaced(postgres_url: str) -> None:
+    own_engine = create_engine(postgres_url)
+    recorder = UsageRecorder(own_engine)
+    recorder.start()
+    try:
+        account = await make_account(own_engine)
+        assert await recorder.record(entry(account, total=11)) is True
+        async with own_engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
+        async with create_engine(postgres_url).connect() as killer:
+            await killer.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        assert await recorder.record(entry(account, total=22)) is True
+        assert await debt_and_count(own_engine, account) == (33, 2)
+    finally:
+        await recorder.stop()
+        await own_engine.dispose()
