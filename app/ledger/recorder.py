@@ -21,8 +21,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailable
@@ -154,6 +152,11 @@ class UsageRecorder:
                 batch.append(self.queue.get_nowait())
             try:
                 await self._write_with_retries(batch)
+            except Exception:
+                # The writer must outlive any failure: if it died, every request
+                # after it would wait forever for a commit that never comes.
+                log.exception("usage writer failed a batch")
+                _fail(batch)
             finally:
                 for _ in batch:
                     self.queue.task_done()
@@ -166,18 +169,14 @@ class UsageRecorder:
             try:
                 inserted = await self._write(entries)
                 break
-            except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    OSError) as error:
-                log.error("usage write failed (attempt %d/%d): %s", attempt, WRITE_ATTEMPTS,
-                          error)
+            except Exception as error:
+                # asyncpg raises more than PostgresError and InterfaceError on a
+                # broken connection (InternalClientError, for one): any failure is
+                # retried on a fresh connection, and the last one answers 503.
+                log.error("usage write failed (attempt %d/%d): %s: %s", attempt,
+                          WRITE_ATTEMPTS, type(error).__name__, error)
                 if attempt == WRITE_ATTEMPTS:
-                    failure = ServiceUnavailable(
-                        "the usage ledger is unavailable; the request was not billed",
-                        code="ledger_unavailable",
-                    )
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(failure)
+                    _fail(batch)
                     return
                 await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
         self.batches_written += 1
@@ -201,12 +200,24 @@ class UsageRecorder:
             assert driver is not None
             try:
                 records = await driver.fetch(WRITE_BATCH, *arrays)
-            except (asyncpg.InterfaceError, OSError):
-                # Errors from the driver bypass SQLAlchemy: a connection that broke
-                # mid-query must not go back to the pool for the next batch.
+            except BaseException:
+                # Errors from the driver bypass SQLAlchemy's own detection, and after a
+                # terminated backend asyncpg can fail with any of several exception
+                # types. A connection that saw an error is never trusted again: it is
+                # closed, not returned to the pool. Errors are rare; a reconnect is cheap.
                 await connection.invalidate()
                 raise
         return {record["request_id"] for record in records}
+
+
+def _fail(batch: list[tuple[UsageEntry, asyncio.Future[bool]]]) -> None:
+    failure = ServiceUnavailable(
+        "the usage ledger is unavailable; the request was not billed",
+        code="ledger_unavailable",
+    )
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(failure)
 
 
 def _unique(entries: Any) -> list[UsageEntry]:
