@@ -20,9 +20,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
+from app.chain.client import ChainClient
+from app.chain.config import ChainConfig
+from app.chain.deploy import Deployment, deploy_tollgate
+from app.chain.operator import OperatorWallet
 from app.config.catalog import Catalog, build_catalog
 from app.config.settings import Settings, load_settings
+from app.devstack.anvil import DEV_CHAIN_ID, Anvil
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.redis import EmbeddedRedis
 from app.http.app import Backends, create_app
@@ -61,6 +68,45 @@ async def redis_url(state_root: Path) -> AsyncIterator[str]:
     url = await asyncio.to_thread(server.start)
     yield url
     await asyncio.to_thread(server.stop)
+
+
+# anvil's first public test account: worthless anywhere but on a dev chain.
+ANVIL_OPERATOR_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+
+
+@dataclass
+class DevChain:
+    """One anvil for the test session, with Tollgate's contracts deployed."""
+
+    url: str
+    deployment: Deployment
+    operator: LocalAccount
+    client: ChainClient  # bound to the session loop
+    # The one wallet that sends the operator's transactions in tests (one nonce sequence).
+    wallet: OperatorWallet
+
+    def config(self, **overrides: Any) -> ChainConfig:
+        values: dict[str, Any] = {
+            "rpc_url": self.url, "chain_id": self.deployment.chain_id,
+            "token": self.deployment.token, "settlement": self.deployment.settlement,
+            "account_factories": (self.deployment.factory,),
+            "operator_private_key": self.operator.key.to_0x_hex(), "confirmations": 1,
+        }
+        values.update(overrides)
+        return ChainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+async def dev_chain() -> AsyncIterator[DevChain]:
+    anvil = Anvil(None)
+    url = await asyncio.to_thread(anvil.start)
+    client = await ChainClient.connect(url, DEV_CHAIN_ID, poll_interval_s=0.01)
+    operator = Account.from_key(ANVIL_OPERATOR_KEY)
+    wallet = OperatorWallet(client, operator)
+    deployment = await deploy_tollgate(client, wallet, treasury=Account.create().address)
+    yield DevChain(url, deployment, operator, client, wallet)
+    await client.close()
+    await asyncio.to_thread(anvil.stop)
 
 
 def start_process(args: list[str], ready_marker: str, env: dict[str, str] | None = None

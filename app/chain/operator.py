@@ -66,32 +66,33 @@ class OperatorWallet:
         return await self.send(to=str(function.address), data=HexBytes(data), value=value, gas=gas)
 
     async def send(
-        self, *, to: str, data: bytes = b"", value: int = 0, gas: int | None = None
+        self, *, to: str | None, data: bytes = b"", value: int = 0, gas: int | None = None
     ) -> HexBytes:
         """Sign and send a transaction; returns its hash once the node accepted it.
+
+        ``to=None`` creates a contract from ``data`` (creation code + constructor args).
 
         Without `gas`, the gas is estimated (a revert then raises ``TransactionReverted``
         before anything is sent) and raised by the margin."""
         if gas is None:
-            estimate: TxParams = {
-                "from": self._account.address,
-                "to": to,
-                "data": data,
-                "value": Wei(value),
-            }
+            estimate: TxParams = {"from": self._account.address, "data": data,
+                                  "value": Wei(value)}
+            if to is not None:
+                estimate["to"] = to
             estimated = await self._client.rpc(self._client.w3.eth.estimate_gas(estimate))
             gas = estimated * (100 + self._gas_margin_percent) // 100
         max_priority, max_fee = await self._fees()
         tx: dict[str, Any] = {
             "type": 2,
             "chainId": self._client.chain_id,
-            "to": to,
             "data": data,
             "value": value,
             "gas": gas,
             "maxPriorityFeePerGas": max_priority,
             "maxFeePerGas": max_fee,
         }
+        if to is not None:
+            tx["to"] = to
         async with self._nonce_lock:
             return await self._send_with_nonce(tx)
 

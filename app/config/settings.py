@@ -80,6 +80,23 @@ class Settings(BaseSettings):
     # When Redis cannot be reached: "closed" refuses with 503, "open" lets requests through.
     rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
 
+    # The chain Tollgate bills on. No RPC URL: `tollgate serve` starts a dev chain (anvil)
+    # in the state dir and deploys the contracts there. The URL is a secret because
+    # hosted RPC URLs carry API keys.
+    chain_rpc_url: SecretStr | None = None
+    # The chain the RPC serves (checked against eth_chainId at start); must be in chain_ids.
+    chain_id: int | None = Field(default=None, ge=1)
+    # The billing token (USDC) and Tollgate's settlement contract on that chain.
+    token_address: str | None = None
+    settlement_address: str | None = None
+    # Factories trusted to deploy accounts for ERC-6492 signatures ("0x..,0x..").
+    account_factories: Annotated[tuple[str, ...], NoDecode] = ()
+    # The operator's key: sends settlement transactions. Never logged.
+    operator_private_key: SecretStr | None = None
+    # Blocks after the one that holds a settlement before it counts as confirmed.
+    chain_confirmations: int = Field(default=1, ge=0, le=1000)
+    chain_call_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
     # Money. Commission in basis points of the base cost (1000 = 10%).
     commission_bps: int = Field(default=1000, ge=0, le=10_000)
     # Credit a new account gets before it must pay, in micro-USD.
@@ -125,6 +142,37 @@ class Settings(BaseSettings):
             return (value,)
         return value
 
+    @field_validator("account_factories", mode="before")
+    @classmethod
+    def _address_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("token_address", "settlement_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            _require_address(value)
+        return value
+
+    @field_validator("account_factories")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            _require_address(address)
+        return value
+
+    @field_validator("operator_private_key")
+    @classmethod
+    def _private_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value().removeprefix("0x")
+            if len(raw) != 64 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+                # The message must not echo the value: it is a key.
+                raise ValueError("must be 32 bytes of hex")
+        return value
+
     @field_validator("jwt_secret")
     @classmethod
     def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
@@ -139,7 +187,23 @@ class Settings(BaseSettings):
             raise ValueError("TOLLGATE_JWT_PRIVATE_KEY_PEM is required with ES256")
         if not self.chain_ids:
             raise ValueError("TOLLGATE_CHAIN_IDS: at least one chain id")
+        if self.chain_rpc_url is not None:
+            missing = [setting_env_name(name) for name in
+                       ("chain_id", "token_address", "settlement_address")
+                       if getattr(self, name) is None]
+            if missing:
+                raise ValueError("TOLLGATE_CHAIN_RPC_URL also needs " + ", ".join(missing))
+            if self.chain_id not in self.chain_ids:
+                raise ValueError("TOLLGATE_CHAIN_ID must be one of TOLLGATE_CHAIN_IDS")
         return self
+
+
+def _require_address(value: str) -> None:
+    raw = value.removeprefix("0x")
+    if not value.startswith("0x") or len(raw) != 40 or any(
+        c not in "0123456789abcdefABCDEF" for c in raw
+    ):
+        raise ValueError("must be a 0x-prefixed 20-byte hex address")
 
 
 _ENV_NAMES = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from app.chain.config import ChainConfig
 from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.errors import error_middleware
@@ -44,6 +45,8 @@ class Backends:
 
     database_url: str
     redis_url: str
+    # None: no chain (wallet sessions for EOAs only, no on-chain settlement).
+    chain: ChainConfig | None = None
 
 
 def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.Application:
