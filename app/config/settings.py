@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     # Blocks after the one that holds a settlement before it counts as confirmed.
     chain_confirmations: int = Field(default=1, ge=0, le=1000)
     chain_call_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # How long a session key's on-chain policy is trusted before it is read again: a key
+    # revoked on chain loses its sessions within this time.
+    session_policy_cache_s: float = Field(default=10.0, ge=0, le=3600)
+    # A dev node Tollgate does not start but deploys to as it would to its own dev chain
+    # (docker-compose's anvil service). Ignored when TOLLGATE_CHAIN_RPC_URL is set.
+    dev_chain_rpc_url: str | None = None
 
     # Money. Commission in basis points of the base cost (1000 = 10%).
     commission_bps: int = Field(default=1000, ge=0, le=10_000)
