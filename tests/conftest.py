@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,19 +112,31 @@ async def dev_chain() -> AsyncIterator[DevChain]:
 
 def start_process(args: list[str], ready_marker: str, env: dict[str, str] | None = None
                   ) -> tuple[subprocess.Popen[str], str]:
-    """Start a child process and return it with its first stdout line containing the marker."""
+    """Start a child process and return it with its first stdout line containing the marker.
+
+    Its output is drained for as long as it runs: a child that logs into a pipe nobody
+    reads blocks once the pipe's 64 KiB fill up, and then stalls every request it serves.
+    What it writes to stderr goes to a file, shown if it exits before it is ready.
+    """
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the child)
     process = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        args, stdout=subprocess.PIPE, stderr=log, text=True,
         env={**os.environ, **(env or {})}, cwd=REPO,
     )
     assert process.stdout is not None
     while True:
         line = process.stdout.readline()
         if not line:
-            error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"{args} exited before it was ready: {error[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{args} exited before it was ready: {log.read()[-3000:]}")
         if ready_marker in line:
+            threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
             return process, line.strip()
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
 
 
 @dataclass(frozen=True)
