@@ -5,10 +5,36 @@ import {ECDSA} from "./lib/ECDSA.sol";
 import {IERC20, IReceiveWithAuthorization, ISessionDebit} from "./lib/Interfaces.sol";
 import {SafeTransfer} from "./lib/SafeTransfer.sol";
 
+/// @notice EIP-3009 `transferWithAuthorization`, both signature forms (USDC v2.2 style): the
+///         authorization x402's "exact" EVM scheme has the payer sign.
+interface ITransferWithAuthorization {
+    function transferWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external;
+
+    function transferWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes calldata signature
+    ) external;
+}
+
 /// @title TollgateSettlement
 /// @notice Where the Tollgate operator collects what callers owe, in one fixed token (USDC).
 ///
-/// Two ways to settle, both operator-only and both emitting exactly one
+/// Three ways to settle, all operator-only and each emitting exactly one
 /// `Settled(payer, amount, method, ref)`. `ref` is the ledger's settlement reference (named `ref`
 /// because `reference` is a reserved word in Solidity); each can be used once, so replaying a
 /// settlement transaction is refused on-chain.
@@ -25,11 +51,17 @@ import {SafeTransfer} from "./lib/SafeTransfer.sol";
 ///    operator cannot take more than the policy allows.
 /// 2. `settleWithAuthorization` (method 2): an EIP-3009 `receiveWithAuthorization` paying this
 ///    contract; only this contract can submit it (`to == msg.sender`), so it cannot be front-run.
+/// 3. `settleWithTransferAuthorization` (method 3): an EIP-3009 `transferWithAuthorization`
+///    paying this contract, which is what a standard x402 "exact" payment signs (its `payTo` is
+///    this contract). Anyone may submit such an authorization to the token, so a payment can
+///    arrive here without a `Settled` event; see the function's notes.
 contract TollgateSettlement {
     /// @notice `Settled.method` of a session-key collection.
     uint8 public constant METHOD_SESSION_DEBIT = 1;
-    /// @notice `Settled.method` of an EIP-3009 payment.
+    /// @notice `Settled.method` of an EIP-3009 `receiveWithAuthorization` payment.
     uint8 public constant METHOD_EIP3009 = 2;
+    /// @notice `Settled.method` of an EIP-3009 `transferWithAuthorization` payment (x402 "exact").
+    uint8 public constant METHOD_EIP3009_TRANSFER = 3;
 
     /// @notice EIP-712 type of the session key's cumulative voucher.
     bytes32 public constant DEBIT_VOUCHER_TYPEHASH = keccak256(
@@ -75,6 +107,7 @@ contract TollgateSettlement {
     error InvalidVoucherSignature();
     error VoucherExceeded(uint256 alreadyCollected, uint256 cumulativeAmount);
     error AccountNotDeployed(address account);
+    /// @notice What arrived differs from what `collect` or a transfer settlement pulled.
     error DebitShortfall(uint256 expected, uint256 received);
 
     modifier onlyAdmin() {
@@ -187,6 +220,61 @@ contract TollgateSettlement {
         emit Settled(from, value, METHOD_EIP3009, ref);
     }
 
+    /// @notice Settle a standard x402 "exact" payment: an EIP-3009 `transferWithAuthorization`
+    ///         from `from` to this contract, with a bytes signature (65-byte ECDSA, or ERC-1271
+    ///         when `from` is a contract wallet). Operator only.
+    /// @dev Unlike `receiveWithAuthorization`, a transfer authorization is not bound to its
+    ///      submitter: anyone holding the signed authorization can submit it to the token
+    ///      directly, first. The funds then still arrive here (the signed `to` is this contract,
+    ///      so nobody can redirect them), but without a `Settled` event, and this call then
+    ///      reverts in the token because the nonce is used, leaving the reference unused. The
+    ///      server detects that case through the
+    ///      token's `authorizationState(from, nonce)` / `AuthorizationUsed(from, nonce)` and
+    ///      records the payment from the token's `Transfer(from, this, value)` event.
+    /// @param from The payer (the authorization's signer, or its ERC-1271 wallet).
+    /// @param value The amount authorized (> 0); exactly this much must arrive.
+    /// @param validAfter The authorization is valid strictly after this timestamp.
+    /// @param validBefore The authorization is valid strictly before this timestamp.
+    /// @param nonce The authorization's unique 32-byte nonce.
+    /// @param signature The payer's signature over the token's `TransferWithAuthorization`.
+    /// @param ref The ledger's settlement reference (unused, non-zero).
+    function settleWithTransferAuthorization(
+        address from,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes calldata signature,
+        bytes32 ref
+    ) external onlyOperator {
+        uint256 balanceBefore = _beginTransferSettlement(value, ref);
+        ITransferWithAuthorization(token).transferWithAuthorization(
+            from, address(this), value, validAfter, validBefore, nonce, signature
+        );
+        _finishTransferSettlement(from, value, ref, balanceBefore);
+    }
+
+    /// @notice `settleWithTransferAuthorization` with the signature as (v, r, s), for EOA payers
+    ///         and tokens without the bytes form. Operator only; the same front-running notes
+    ///         apply.
+    function settleWithTransferAuthorization(
+        address from,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        uint8 v,
+        bytes32 r,
+        bytes32 s,
+        bytes32 ref
+    ) external onlyOperator {
+        uint256 balanceBefore = _beginTransferSettlement(value, ref);
+        ITransferWithAuthorization(token).transferWithAuthorization(
+            from, address(this), value, validAfter, validBefore, nonce, v, r, s
+        );
+        _finishTransferSettlement(from, value, ref, balanceBefore);
+    }
+
     // ---------------------------------------------------------------- views
 
     /// @notice The EIP-712 domain separator (name "TollgateSettlement", version "1").
@@ -243,6 +331,26 @@ contract TollgateSettlement {
         if (ref == bytes32(0)) revert InvalidReference();
         if (referenceUsed[ref]) revert ReferenceAlreadyUsed(ref);
         referenceUsed[ref] = true;
+    }
+
+    /// @dev Checks the amount, uses the reference, and returns this contract's token balance
+    ///      before the transfer.
+    function _beginTransferSettlement(uint256 value, bytes32 ref) private returns (uint256) {
+        if (value == 0) revert ZeroAmount();
+        _useReference(ref);
+        return IERC20(token).balanceOf(address(this));
+    }
+
+    /// @dev The token is not trusted to report truthfully: measure what actually arrived.
+    function _finishTransferSettlement(
+        address from,
+        uint256 value,
+        bytes32 ref,
+        uint256 balanceBefore
+    ) private {
+        uint256 received = IERC20(token).balanceOf(address(this)) - balanceBefore;
+        if (received != value) revert DebitShortfall(value, received);
+        emit Settled(from, value, METHOD_EIP3009_TRANSFER, ref);
     }
 
     function _buildDomainSeparator() private view returns (bytes32) {

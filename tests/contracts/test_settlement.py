@@ -1,5 +1,5 @@
-"""TollgateSettlement: session-key collection with cumulative vouchers, EIP-3009 settlement,
-one-time references, roles and sweeping."""
+"""TollgateSettlement: session-key collection with cumulative vouchers, EIP-3009 settlement
+(receive and transfer authorizations), one-time references, roles and sweeping."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ VRS = (
     "settleWithAuthorization(address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32,bytes32)"
 )
 BYTES = "settleWithAuthorization(address,uint256,uint256,uint256,bytes32,bytes,bytes32)"
+TRANSFER_VRS = (
+    "settleWithTransferAuthorization(address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32,"
+    "bytes32)"
+)
+TRANSFER_BYTES = (
+    "settleWithTransferAuthorization(address,uint256,uint256,uint256,bytes32,bytes,bytes32)"
+)
+METHOD_EIP3009_TRANSFER = 3
 
 
 def ref() -> bytes:
@@ -411,6 +419,201 @@ def test_settle_with_authorization_from_smart_account(deployment: Deployment) ->
     assert [(e["payer"], e["amount"], e["method"]) for e in settled] == [
         (account.address, 4 * USDC, METHOD_EIP3009)
     ]
+
+
+def _settle_transfer(dep: Deployment, auth, reference: bytes, *, bytes_form: bool = True):
+    """The prepared settleWithTransferAuthorization call for an x402-style authorization."""
+    head = (auth.from_, auth.value, auth.valid_after, auth.valid_before, auth.nonce)
+    if bytes_form:
+        fn = dep.settlement.get_function_by_signature(TRANSFER_BYTES)
+        return fn(*head, auth.signature, reference)
+    return dep.settlement.get_function_by_signature(TRANSFER_VRS)(*head, *auth.vrs, reference)
+
+
+def test_transfer_authorization_method_number(deployment: Deployment) -> None:
+    settlement = deployment.settlement
+    assert settlement.functions.METHOD_SESSION_DEBIT().call() == METHOD_SESSION_DEBIT
+    assert settlement.functions.METHOD_EIP3009().call() == METHOD_EIP3009
+    assert settlement.functions.METHOD_EIP3009_TRANSFER().call() == METHOD_EIP3009_TRANSFER
+
+
+def test_settle_with_transfer_authorization_both_forms(deployment: Deployment) -> None:
+    """A standard x402 "exact" payment (TransferWithAuthorization to the settlement) settles
+    with one Settled event naming the reference."""
+    dep, a = deployment, deployment.actors
+    settlement = dep.settlement
+    dep.mint(a.bob.address, 10 * USDC)
+    dep.mint(settlement.address, 1)  # same storage cost for both forms in the gas table
+    for bytes_form, label in ((True, "EOA"), (False, "EOA, v,r,s")):
+        auth = authorization(dep, a.bob, a.bob.address, settlement.address, 2 * USDC)
+        reference = ref()
+        receipt = dep.chain.send(
+            _settle_transfer(dep, auth, reference, bytes_form=bytes_form),
+            a.operator,
+            label=f"settlement settleWithTransferAuthorization ({label})",
+        )
+        settled = event_args(settlement, receipt, "Settled")
+        assert [(e["payer"], e["amount"], e["method"], e["ref"]) for e in settled] == [
+            (a.bob.address, 2 * USDC, METHOD_EIP3009_TRANSFER, reference)
+        ]
+        transfers = event_args(dep.usdc, receipt, "Transfer")
+        assert [(e["from"], e["to"], e["value"]) for e in transfers] == [
+            (a.bob.address, settlement.address, 2 * USDC)
+        ]
+        assert settlement.functions.referenceUsed(reference).call() is True
+        assert dep.usdc.functions.authorizationState(a.bob.address, auth.nonce).call() is True
+    assert dep.usdc.functions.balanceOf(settlement.address).call() == 4 * USDC + 1
+    assert dep.usdc.functions.balanceOf(a.bob.address).call() == 6 * USDC
+
+
+def test_settle_with_transfer_authorization_from_smart_account(deployment: Deployment) -> None:
+    dep, a = deployment, deployment.actors
+    account = dep.create_account(a.alice)
+    dep.mint(account.address, 10 * USDC)
+    auth = authorization(
+        dep, a.alice, account.address, dep.settlement.address, 4 * USDC, wrap_for_account=account
+    )
+    reference = ref()
+    receipt = dep.chain.send(
+        _settle_transfer(dep, auth, reference),
+        a.operator,
+        label="settlement settleWithTransferAuthorization (ERC-1271 account)",
+    )
+    settled = event_args(dep.settlement, receipt, "Settled")
+    assert [(e["payer"], e["amount"], e["method"], e["ref"]) for e in settled] == [
+        (account.address, 4 * USDC, METHOD_EIP3009_TRANSFER, reference)
+    ]
+    assert dep.usdc.functions.balanceOf(dep.settlement.address).call() == 4 * USDC
+    assert dep.usdc.functions.balanceOf(account.address).call() == 6 * USDC
+    # the owner's plain EIP-712 signature does not speak for the account
+    plain = authorization(dep, a.alice, account.address, dep.settlement.address, USDC)
+    with reverts("InvalidSignature"):
+        dep.chain.send(_settle_transfer(dep, plain, ref()), a.operator)
+
+
+def test_settle_with_transfer_authorization_replay_and_reference(deployment: Deployment) -> None:
+    dep, a = deployment, deployment.actors
+    dep.mint(a.bob.address, 10 * USDC)
+    auth = authorization(dep, a.bob, a.bob.address, dep.settlement.address, USDC)
+    reference = ref()
+    dep.chain.send(_settle_transfer(dep, auth, reference), a.operator)
+    with reverts("ReferenceAlreadyUsed", reference):
+        dep.chain.send(_settle_transfer(dep, auth, reference), a.operator)
+    # the same authorization under a new reference: the token refuses the nonce, in both forms
+    for bytes_form in (True, False):
+        with reverts("AuthorizationUsedOrCanceled"):
+            dep.chain.send(_settle_transfer(dep, auth, ref(), bytes_form=bytes_form), a.operator)
+    # a fresh authorization cannot reuse a reference of another method either
+    fresh = authorization(dep, a.bob, a.bob.address, dep.settlement.address, USDC)
+    with reverts("ReferenceAlreadyUsed", reference):
+        dep.chain.send(_settle_transfer(dep, fresh, reference), a.operator)
+    with reverts("InvalidReference"):
+        dep.chain.send(_settle_transfer(dep, fresh, b"\x00" * 32), a.operator)
+    assert dep.usdc.functions.balanceOf(dep.settlement.address).call() == USDC
+
+
+def test_settle_with_transfer_authorization_refusals(deployment: Deployment) -> None:
+    dep, a = deployment, deployment.actors
+    settlement = dep.settlement
+    dep.mint(a.bob.address, 10 * USDC)
+    auth = authorization(dep, a.bob, a.bob.address, settlement.address, USDC)
+    for sender in (a.mallory, a.deployer, a.bob):  # not the payer, not even the admin
+        with reverts("NotOperator"):
+            dep.chain.send(_settle_transfer(dep, auth, ref()), sender)
+    # signed by someone else than `from`
+    forged = authorization(dep, a.mallory, a.bob.address, settlement.address, USDC)
+    for bytes_form in (True, False):
+        with reverts("InvalidSignature"):
+            dep.chain.send(_settle_transfer(dep, forged, ref(), bytes_form=bytes_form), a.operator)
+    # an authorization paying someone else cannot be redirected here
+    elsewhere = authorization(dep, a.bob, a.bob.address, a.carol.address, USDC)
+    with reverts("InvalidSignature"):
+        dep.chain.send(_settle_transfer(dep, elsewhere, ref()), a.operator)
+    # a ReceiveWithAuthorization signature is not a transfer authorization
+    receive = authorization(
+        dep, a.bob, a.bob.address, settlement.address, USDC, kind="ReceiveWithAuthorization"
+    )
+    with reverts("InvalidSignature"):
+        dep.chain.send(_settle_transfer(dep, receive, ref()), a.operator)
+    # claiming more than signed breaks the signature
+    auth.value = 2 * USDC
+    with reverts("InvalidSignature"):
+        dep.chain.send(_settle_transfer(dep, auth, ref()), a.operator)
+    with reverts("ZeroAmount"):
+        dep.chain.send(
+            settlement.get_function_by_signature(TRANSFER_BYTES)(
+                a.bob.address, 0, 0, 2**40, b"\x01" * 32, b"", ref()
+            ),
+            a.operator,
+        )
+    # more than the payer holds
+    rich = authorization(dep, a.bob, a.bob.address, settlement.address, 11 * USDC)
+    with reverts("InsufficientBalance", 10 * USDC, 11 * USDC):
+        dep.chain.send(_settle_transfer(dep, rich, ref()), a.operator)
+    assert dep.usdc.functions.balanceOf(settlement.address).call() == 0
+
+
+def test_settle_with_transfer_authorization_validity_window(deployment: Deployment) -> None:
+    dep, a = deployment, deployment.actors
+    dep.mint(a.bob.address, 10 * USDC)
+    t = dep.chain.next_timestamp()
+    expired = authorization(
+        dep, a.bob, a.bob.address, dep.settlement.address, USDC, valid_before=t - 1
+    )
+    with reverts("AuthorizationExpired"):
+        dep.chain.send(_settle_transfer(dep, expired, ref()), a.operator)
+    future = authorization(
+        dep,
+        a.bob,
+        a.bob.address,
+        dep.settlement.address,
+        USDC,
+        valid_after=t + 100,
+        valid_before=t + 1000,
+    )
+    reference = ref()
+    with reverts("AuthorizationNotYetValid"):
+        dep.chain.send(_settle_transfer(dep, future, reference), a.operator)
+    # a refused settlement leaves its reference unused
+    assert dep.settlement.functions.referenceUsed(reference).call() is False
+    dep.chain.advance(200)
+    dep.chain.send(_settle_transfer(dep, future, reference), a.operator)
+    assert dep.usdc.functions.balanceOf(dep.settlement.address).call() == USDC
+
+
+def test_settle_with_transfer_authorization_front_run(deployment: Deployment) -> None:
+    """Anyone holding the signed authorization can submit it to the token first: the funds still
+    arrive at the settlement contract (nobody can redirect them), without a Settled event, and
+    the operator's settlement then reverts; the server sees the nonce used on the token."""
+    dep, a = deployment, deployment.actors
+    settlement = dep.settlement
+    dep.mint(a.bob.address, 10 * USDC)
+    auth = authorization(dep, a.bob, a.bob.address, settlement.address, 3 * USDC)
+    transfer = dep.usdc.get_function_by_signature(
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+    )
+    receipt = dep.chain.send(transfer(*auth.args, auth.signature), a.mallory)
+    assert event_args(settlement, receipt, "Settled") == []
+    used = event_args(dep.usdc, receipt, "AuthorizationUsed")
+    assert [(e["authorizer"], e["nonce"]) for e in used] == [(a.bob.address, auth.nonce)]
+    transfers = event_args(dep.usdc, receipt, "Transfer")
+    assert [(e["from"], e["to"], e["value"]) for e in transfers] == [
+        (a.bob.address, settlement.address, 3 * USDC)
+    ]
+    assert dep.usdc.functions.authorizationState(a.bob.address, auth.nonce).call() is True
+
+    reference = ref()
+    with reverts("AuthorizationUsedOrCanceled"):
+        dep.chain.send(_settle_transfer(dep, auth, reference), a.operator)
+    assert settlement.functions.referenceUsed(reference).call() is False
+    assert dep.usdc.functions.balanceOf(settlement.address).call() == 3 * USDC
+    assert dep.usdc.functions.balanceOf(a.bob.address).call() == 7 * USDC
+    assert dep.usdc.functions.balanceOf(a.mallory.address).call() == 0
+    # nor can a (fresh) authorization be changed to pay the front-runner instead
+    redirected = authorization(dep, a.bob, a.bob.address, settlement.address, 3 * USDC)
+    redirected.to = a.mallory.address
+    with reverts("InvalidSignature"):
+        dep.chain.send(transfer(*redirected.args, redirected.signature), a.mallory)
 
 
 def test_sweep_to_treasury(deployment: Deployment, payer) -> None:
