@@ -12,7 +12,14 @@ WORKDIR /srv/tollgate
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations
+# The contract artifacts: a dev chain is deployed from them, and the chain client binds them.
+COPY contracts/artifacts ./contracts/artifacts
 RUN pip install --no-compile -e .
+# The state dir (JWT secret, dev chain deployment record) lives on a volume, so a
+# recreated container keeps its keys and finds the contracts it deployed.
+RUN mkdir -p /var/lib/tollgate && chown tollgate /var/lib/tollgate
+ENV TOLLGATE_STATE_DIR=/var/lib/tollgate
+VOLUME /var/lib/tollgate
 
 USER tollgate
 EXPOSE 8402

@@ -28,7 +28,7 @@ $(NODE_STAMP): package.json package-lock.json
 install: $(STAMP)
 install-test: $(TEST_STAMP) $(NODE_STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/tollgate serve $(ARGS)
 
 lint: $(TEST_STAMP)

@@ -1,4 +1,4 @@
-"""The ``tollgate`` command: serve, migrate, mock-upstream."""
+"""The ``tollgate`` command: serve, migrate, dev-wallet, mock-upstream."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="migrate the embedded database of this state dir instead")
 
     wallet = commands.add_parser(
-        "dev-wallet", help="a local dev wallet and a ready session token for a running Tollgate"
+        "dev-wallet",
+        help="a dev wallet (funded on serve's dev chain) and a session token for a running Tollgate"
     )
     wallet.add_argument("--url", help="Tollgate's URL (default http://TOLLGATE_HOST:PORT)")
-    wallet.add_argument("--state-dir", type=Path, help="where the dev wallet key is kept")
+    wallet.add_argument("--state-dir", type=Path,
+                        help="where the dev wallet's keys are kept and serve's dev chain is found")
     wallet.add_argument("--json", action="store_true", help="machine-readable output")
     wallet.add_argument("--token", action="store_true", help="print only the session token")
 
@@ -78,17 +80,21 @@ def _dev_wallet(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from app.devstack.dev_wallet import create_session, describe, load_or_create_wallet
+    from app.chain.errors import ChainError
+    from app.devstack.dev_wallet import describe, run_dev_wallet
 
     settings = load_settings(state_dir=args.state_dir)
     url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
-    wallet = load_or_create_wallet(settings.state_dir.resolve())
     try:
-        session = asyncio.run(create_session(url, wallet))
-    except (OSError, RuntimeError) as error:
+        session = asyncio.run(run_dev_wallet(url, settings.state_dir.resolve()))
+    except (OSError, ChainError) as error:
+        # Tollgate or its dev chain is not there: most often serve is not running.
         print(f"tollgate dev-wallet: {type(error).__name__}: {error} "
-              f"(is `tollgate serve` running at {url}?)",
+              f"(is `tollgate serve` running at {url} with this state dir?)",
               file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        print(f"tollgate dev-wallet: {error}", file=sys.stderr)
         return 1
     if args.token:
         print(session.token)

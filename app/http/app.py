@@ -8,12 +8,15 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from app.chain.client import ChainClient
 from app.chain.config import ChainConfig
+from app.chain.errors import ChainError
 from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.errors import error_middleware
 from app.http.keys import (
     CATALOG,
+    CHAIN,
     DATABASE,
     FORWARDER,
     HTTP_CLIENT,
@@ -64,13 +67,15 @@ def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.
     # Shared resources first: every concern below may use them at startup.
     app.cleanup_ctx.append(_database(backends.database_url))
     app.cleanup_ctx.append(_redis(backends.redis_url))
+    if backends.chain is not None:
+        app.cleanup_ctx.append(_chain(backends.chain))
 
     # Each concern installs its routes, middlewares and resources, and returns its stage.
     # Stage order is the pipeline order: authenticate -> rate-limit -> reserve/record.
     # Metrics come first so they settle last and see every call, refused or not.
     stages: list[Stage] = [
         metrics,
-        setup_identity(app),
+        setup_identity(app, chain=backends.chain),
         setup_limits(app),
         setup_ledger(app),
     ]
@@ -103,6 +108,28 @@ def _redis(url: str):  # type: ignore[no-untyped-def]
         app[REDIS] = client
         yield
         await client.aclose()
+
+    return context
+
+
+class ChainUnavailableAtStart(RuntimeError):
+    """The configured chain could not be used at start (node down, or another chain id)."""
+
+
+def _chain(config: ChainConfig):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        try:
+            client = await ChainClient.connect(config.rpc_url, config.chain_id,
+                                               call_timeout_s=config.call_timeout_s)
+        except ChainError as error:
+            # The RPC URL is not named: hosted RPC URLs carry API keys.
+            raise ChainUnavailableAtStart(
+                f"chain {config.chain_id}: cannot use its RPC node at start"
+                f" ({type(error).__name__}: {error})"
+            ) from None
+        app[CHAIN] = client
+        yield
+        await client.close()
 
     return context
 

@@ -7,6 +7,7 @@ import redis.asyncio as redis
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.chain.client import ChainClient
 from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.metrics import Metrics
@@ -21,3 +22,5 @@ HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 DATABASE = web.AppKey("database", AsyncEngine)
 REDIS = web.AppKey("redis", redis.Redis)
+# The one chain client (only with a chain configured): identity, settlement and x402 share it.
+CHAIN = web.AppKey("chain", ChainClient)

@@ -26,19 +26,29 @@ NONCE_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{NONCE_CHARS_MAX}}}")
 INTEGER_MAX = 2**53 - 1
 
 FIELD_DOCS: dict[str, str] = {
-    "wallet": "The signing wallet (EOA). The signature must recover to it.",
-    "smartAccount": (
-        "The account that pays. For now it must equal wallet; smart accounts owned by"
-        " wallet are verified on chain in a later version."
+    "wallet": (
+        "Who signs: an EOA, or on Tollgate's chain a smart account (ERC-1271; ERC-6492 if"
+        " not deployed yet), its owner, or its session key."
     ),
-    "sessionKey": "The key this session acts with (recorded with the session).",
+    "smartAccount": (
+        "The account that pays. On Tollgate's chain a TollgateAccount that wallet owns, is,"
+        " or holds a session key of; on other chains it must equal wallet."
+    ),
+    "sessionKey": (
+        "The key this session acts with. On a deployed TollgateAccount it must be live on"
+        " chain, paying Tollgate's settlement contract; the session ends when it is revoked"
+        " or expires, and lasts at most until its policy's validUntil."
+    ),
     "chainId": "EIP-155 chain id; must equal the domain's chainId and be supported.",
     "nonce": (
         "Unique per wallet, 1-80 characters of A-Z a-z 0-9 . _ : -; a used nonce is refused."
         " Use 32 random hex characters or a UUID."
     ),
     "issuedAt": "Unix seconds when the wallet signed.",
-    "expiresAt": "Unix seconds when the session ends; also the token's exp.",
+    "expiresAt": (
+        "Unix seconds when the session ends (or the session key's validUntil, if sooner);"
+        " the token's exp."
+    ),
 }
 
 
@@ -159,7 +169,10 @@ def schema_document(settings: Settings) -> dict[str, object]:
         "fields": FIELD_DOCS,
         "signature": {
             "header": SIGNATURE_HEADER,
-            "encoding": "0x-prefixed hex of the 65-byte r || s || v signature (130 hex digits)",
+            "encoding": (
+                "0x-prefixed hex of the 65-byte r || s || v signature (130 hex digits); a"
+                " smart account's ERC-1271 or ERC-6492 signature on Tollgate's chain"
+            ),
             "v": [27, 28, 0, 1],
             "low_s": "s must be at most secp256k1n / 2 (EIP-2); high-s signatures are refused",
         },

@@ -1,4 +1,4 @@
-"""Authorizations for smart accounts, proven on chain (the contracts issue's verifier).
+"""Authorizations for smart accounts, proven on chain.
 
 Who may open a session for ``smartAccount``:
   - the account itself (``wallet == smartAccount``): its signature is checked as an EOA's,
@@ -8,40 +8,45 @@ Who may open a session for ``smartAccount``:
     signature;
   - a session key of the account (``wallet == sessionKey``), with an EOA signature, if
     the key is live on chain.
-For a deployed account the ``sessionKey`` must be live on chain with Tollgate's
+For a deployed TollgateAccount the ``sessionKey`` must be live on chain with Tollgate's
 settlement contract as payee and the billing token as token, so Tollgate can collect
-within the policy the owner set. Policy reads are cached for ``POLICY_CACHE_S``: a key
-revoked on chain stops opening sessions within that time.
+within the policy the owner set; whoever signed, the session then depends on that policy
+(``verify`` returns it) and is re-checked on every request (``SessionPolicies``). An
+account not deployed yet has no policies: its session depends on none.
 
-Not yet here: re-checking the policy of a live session on every request (a revoked or
-expired key keeping its session); that belongs in the authentication path.
+This verifier serves one chain, the client's; ``PerChainVerifier`` sends every other
+chain elsewhere.
 """
 
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass
 
 from eth_account.messages import encode_typed_data
 from eth_utils import keccak, to_checksum_address
 
 from app.chain.client import ChainClient
-from app.chain.contracts import bind_contract
-from app.chain.errors import ChainError
+from app.chain.errors import ChainError, TransactionReverted
 from app.chain.signatures import verify_signature
-from app.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from app.errors import AuthenticationFailed, PermissionDenied
 from app.identity.authorization import Authorization
+from app.identity.session_policy import (
+    PolicyFault,
+    SessionPolicies,
+    SessionPolicy,
+    chain_policy_reader,
+    chain_unavailable,
+)
 from app.identity.signature import SIGNATURE_HEADER
 
+OWNER_SELECTOR = keccak(text="owner()")[:4]
+# How long a policy read is trusted when the caller does not share its cache.
 POLICY_CACHE_S = 10.0
-POLICY_CACHE_ENTRIES_MAX = 10_000
 
-
-@dataclass(frozen=True, slots=True)
-class SessionPolicy:
-    token: str
-    payee: str
-    live: bool
+# At authorize a bad policy is a permission problem of this signer (403), code by fault.
+_REFUSAL_CODES = {
+    PolicyFault.NOT_GRANTED: "session_key_not_live",
+    PolicyFault.EXPIRED: "session_key_expired",
+    PolicyFault.WRONG_TERMS: "session_key_wrong_payee",
+}
 
 
 def authorization_digest(authorization: Authorization) -> bytes:
@@ -60,23 +65,28 @@ class ChainVerifier:
         settlement: str,
         token: str,
         factory_allowlist: set[str],
+        policies: SessionPolicies | None = None,
     ) -> None:
         self.client = client
-        self.settlement = settlement.lower()
-        self.token = token.lower()
         self.factory_allowlist = {factory.lower() for factory in factory_allowlist}
-        self._policies: dict[tuple[str, str], tuple[float, SessionPolicy]] = {}
+        self.policies = policies or SessionPolicies(
+            chain_policy_reader(client), chain_id=client.chain_id, settlement=settlement,
+            token=token, fresh_s=POLICY_CACHE_S,
+        )
+        assert self.policies.chain_id == client.chain_id, "policies of this verifier's chain"
+        assert self.policies.settlement == settlement.lower()
+        assert self.policies.token == token.lower()
 
-    async def verify(self, authorization: Authorization, signature: bytes) -> None:
+    async def verify(self, authorization: Authorization,
+                     signature: bytes) -> SessionPolicy | None:
+        assert authorization.chain_id == self.client.chain_id, "routed by chain id"
         try:
-            await self._verify(authorization, signature)
+            return await self._verify(authorization, signature)
         except ChainError as error:
-            raise ServiceUnavailable(
-                f"the chain could not be asked ({type(error).__name__})",
-                code="chain_unavailable",
-            ) from None
+            raise chain_unavailable(error) from None
 
-    async def _verify(self, authorization: Authorization, signature: bytes) -> None:
+    async def _verify(self, authorization: Authorization,
+                      signature: bytes) -> SessionPolicy | None:
         wallet, account = authorization.wallet, authorization.smart_account
         valid = await verify_signature(
             self.client, wallet, authorization_digest(authorization), signature,
@@ -88,58 +98,63 @@ class ChainVerifier:
                 param=SIGNATURE_HEADER, code="signature_mismatch",
             )
         deployed = bool(await self.client.code_at(account))
+        # Only Tollgate accounts have an owner and session policies; an EOA delegating
+        # its code elsewhere, or another contract wallet, has neither.
+        owner = await self._owner(account) if deployed else None
+        policy = None
+        if owner is not None:
+            policy = await self._policy(account, authorization.session_key)
         if wallet != account:
-            if not deployed:
+            _require_acting_for(authorization, deployed=deployed, owner=owner,
+                                tollgate_account=policy is not None)
+        if policy is not None:
+            fault = self.policies.fault(policy)
+            if fault is not None:
                 raise PermissionDenied(
-                    "smartAccount is not deployed: sign as the account itself (ERC-6492)",
-                    param="smartAccount", code="smart_account_not_deployed",
+                    f"sessionKey's policy on smartAccount {fault.value}: Tollgate cannot"
+                    " collect with it", param="sessionKey", code=_REFUSAL_CODES[fault],
                 )
-            if wallet != authorization.session_key and wallet != await self._owner(account):
-                raise PermissionDenied(
-                    "wallet is neither the owner of smartAccount nor its session key",
-                    param="wallet", code="smart_account_not_owned",
-                )
-        if deployed and await self._code_is_account(account):
-            await self._require_live_session_key(account, authorization.session_key)
-
-    async def _owner(self, account: str) -> str:
-        contract = bind_contract(self.client.w3, "TollgateAccount", account)
-        owner = await self.client.read(contract.functions.owner())
-        return str(owner).lower()
-
-    async def _code_is_account(self, account: str) -> bool:
-        """Only Tollgate accounts have session policies; an EOA delegating elsewhere has none."""
-        try:
-            await self._owner(account)
-        except ChainError:
-            return False
-        return True
-
-    async def _require_live_session_key(self, account: str, session_key: str) -> None:
-        policy = await self._policy(account, session_key)
-        if not policy.live:
-            raise PermissionDenied(
-                "sessionKey is not live on chain for smartAccount (never granted, revoked"
-                " or expired)", param="sessionKey", code="session_key_not_live",
-            )
-        if policy.payee != self.settlement or policy.token != self.token:
-            raise PermissionDenied(
-                "sessionKey's policy does not pay Tollgate's settlement contract in the"
-                " billing token", param="sessionKey", code="session_key_wrong_payee",
-            )
-
-    async def _policy(self, account: str, session_key: str) -> SessionPolicy:
-        now_s = time.monotonic()
-        cached = self._policies.get((account, session_key))
-        if cached is not None and cached[0] > now_s:
-            return cached[1]
-        contract = bind_contract(self.client.w3, "TollgateAccount", account)
-        raw_policy, live = await self.client.read(
-            contract.functions.sessionPolicy(to_checksum_address(session_key))
-        )
-        policy = SessionPolicy(token=str(raw_policy[0]).lower(), payee=str(raw_policy[1]).lower(),
-                              live=bool(live))
-        if len(self._policies) >= POLICY_CACHE_ENTRIES_MAX:
-            self._policies.clear()
-        self._policies[(account, session_key)] = (now_s + POLICY_CACHE_S, policy)
         return policy
+
+    async def _owner(self, account: str) -> str | None:
+        """``owner()`` of the contract at ``account``; None if it has no such function.
+
+        A raw call, so only "the contract said no" means None: a node that cannot be
+        reached raises, and an unreachable chain never passes for "not an account".
+        """
+        try:
+            result = await self.client.call({"to": to_checksum_address(account),
+                                             "data": OWNER_SELECTOR})
+        except TransactionReverted:
+            return None
+        if len(result) != 32 or any(result[:12]):
+            return None
+        return "0x" + result[12:].hex()
+
+    async def _policy(self, account: str, session_key: str) -> SessionPolicy | None:
+        """The key's policy; None if the contract has no ``sessionPolicy`` (not ours)."""
+        try:
+            return await self.policies.for_authorize(account, session_key)
+        except TransactionReverted:
+            return None
+
+
+def _require_acting_for(authorization: Authorization, *, deployed: bool, owner: str | None,
+                        tollgate_account: bool) -> None:
+    """A wallet other than the account signed: it must be the owner or the session key."""
+    if not deployed:
+        raise PermissionDenied(
+            "smartAccount is not deployed: sign as the account itself (ERC-6492)",
+            param="smartAccount", code="smart_account_not_deployed",
+        )
+    if not tollgate_account:
+        # Whose key may act for a foreign contract is not ours to know.
+        raise PermissionDenied(
+            "smartAccount is not a Tollgate account: only the account itself may sign for it"
+            " (ERC-1271)", param="smartAccount", code="smart_account_not_supported",
+        )
+    if authorization.wallet not in (authorization.session_key, owner):
+        raise PermissionDenied(
+            "wallet is neither the owner of smartAccount nor its session key",
+            param="wallet", code="smart_account_not_owned",
+        )

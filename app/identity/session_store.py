@@ -103,14 +103,20 @@ class SessionStore:
 
     async def create(
         self, authorization: Authorization, *, jti: str, issued_at_s: int,
-        credit_limit_micros: int,
+        credit_limit_micros: int, expires_at_s: int | None = None,
     ) -> Account:
         """Spend the nonce, upsert the account and open the session, in one transaction.
+
+        ``expires_at_s`` is the signed ``expiresAt`` (the default), or earlier when the
+        session key's policy ends first.
 
         The nonce goes first: its primary key makes a replay, even a concurrent
         one, wait for the first transaction and then find the nonce taken. Any
         refusal rolls everything back, the nonce included.
         """
+        if expires_at_s is None:
+            expires_at_s = authorization.expires_at_s
+        assert expires_at_s <= authorization.expires_at_s, "never longer than signed"
         with database_errors():
             async with self.engine.begin() as connection:
                 await self._spend_nonce(connection, authorization)
@@ -123,7 +129,7 @@ class SessionStore:
                     jti=jti, account_id=account.id, wallet=authorization.wallet,
                     session_key=authorization.session_key, chain_id=authorization.chain_id,
                     issued_at=timestamp(issued_at_s),
-                    expires_at=timestamp(authorization.expires_at_s),
+                    expires_at=timestamp(expires_at_s),
                 ))
         return account
 

@@ -3,6 +3,13 @@
 Authenticating a request costs: one local JWT verification, one Redis GET (is
 the session revoked?), and the session's account row from a 2 s in-process
 cache (Postgres on a miss). When Redis cannot answer, Postgres decides.
+
+A session that depends on a session key's on-chain policy (``session_key_bound``:
+opened on a deployed TollgateAccount) also needs that policy to be live, judged
+from ``SessionPolicies``' cache (a chain call only when it is older than
+``session_policy_cache_s``): once the owner revokes the key, or it expires, the
+session is refused with 401 ``session_key_revoked`` / ``session_key_expired``. Its
+token never outlives the policy: ``exp`` is clamped to the policy's ``validUntil``.
 """
 
 from __future__ import annotations
@@ -14,12 +21,19 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from app.chain.errors import ChainError
 from app.config.settings import Settings
-from app.errors import PermissionDenied
+from app.errors import PermissionDenied, ServiceUnavailable
 from app.identity.account_cache import SessionAccountCache
 from app.identity.authorization import Authorization, check_authorization
 from app.identity.principal import Principal
 from app.identity.revocation_list import RevocationList
+from app.identity.session_policy import (
+    PolicyFault,
+    SessionPolicies,
+    SessionPolicy,
+    chain_unavailable,
+)
 from app.identity.session_store import Account, SessionAccount, SessionStore
 from app.identity.tokens import SessionClaims, TokenCodec, account_reference, token_refused
 from app.identity.verifier import AuthorizationVerifier
@@ -59,7 +73,7 @@ class Sessions:
     def __init__(
         self, settings: Settings, *, codec: TokenCodec, store: SessionStore,
         revocations: RevocationList, cache: SessionAccountCache,
-        verifier: AuthorizationVerifier,
+        verifier: AuthorizationVerifier, policies: SessionPolicies | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -67,27 +81,30 @@ class Sessions:
         self.revocations = revocations
         self.cache = cache
         self.verifier = verifier
+        # None: no chain, so no session can depend on a session-key policy here.
+        self.policies = policies
 
     async def authorize(self, authorization: Authorization, signature: bytes) -> IssuedSession:
         """Check, verify, record, then sign: the token exists only for a committed session."""
         now_s = time.time()
         check_authorization(authorization, self.settings, now_s)
-        await self.verifier.verify(authorization, signature)
+        policy = await self.verifier.verify(authorization, signature)
         jti = secrets.token_hex(JTI_BYTES)
         issued_at_s = int(now_s)
+        expires_at_s = _session_expiry(authorization, policy, now_s)
         account = await self.store.create(
-            authorization, jti=jti, issued_at_s=issued_at_s,
+            authorization, jti=jti, issued_at_s=issued_at_s, expires_at_s=expires_at_s,
             credit_limit_micros=self.settings.default_credit_limit_micros,
         )
         token = self.codec.issue(SessionClaims(
             account_id=account.id, wallet=authorization.wallet,
             smart_account=authorization.smart_account, chain_id=authorization.chain_id,
             session_key=authorization.session_key, jti=jti, issued_at_s=issued_at_s,
-            expires_at_s=authorization.expires_at_s,
+            expires_at_s=expires_at_s, session_key_bound=policy is not None,
         ))
         log.info("session %s opened for %s (wallet %s)", jti, account_reference(account.id),
                  authorization.wallet)
-        return IssuedSession(token, jti, authorization.expires_at_s, account)
+        return IssuedSession(token, jti, expires_at_s, account)
 
     async def authenticate(self, token: str) -> Principal:
         """The principal of a live session token, or 401 (bad token) / 403 (suspended)."""
@@ -107,6 +124,8 @@ class Sessions:
         _check_agreement(claims, row)
         if row.account.status != "active":
             raise PermissionDenied("the account is suspended", code="account_suspended")
+        if claims.session_key_bound:
+            await self._require_live_session_key(claims)
         return Principal(
             account_id=row.account.id,
             chain_id=row.chain_id,
@@ -117,6 +136,24 @@ class Sessions:
             rate_limit_requests_per_min=row.account.rate_limit_requests_per_min,
             rate_limit_tokens_per_min=row.account.rate_limit_tokens_per_min,
         )
+
+    async def _require_live_session_key(self, claims: SessionClaims) -> None:
+        """The session's key still lets Tollgate collect, or a 401 saying why not."""
+        policies = self.policies
+        if policies is None or policies.chain_id != claims.chain_id:
+            # Tokens are shared by every instance; this one does not read that chain.
+            raise ServiceUnavailable(
+                f"this server cannot check session keys on chain {claims.chain_id}",
+                code="chain_unavailable",
+            )
+        try:
+            policy = await policies.for_session(claims.smart_account, claims.session_key)
+        except ChainError as error:
+            raise chain_unavailable(error) from None
+        fault = policies.fault(policy)
+        if fault is not None:
+            message, code = _SESSION_KEY_REFUSALS[fault]
+            raise token_refused(message, code)
 
     async def revoke_session(self, principal: Principal, jti: str) -> list[str] | None:
         """Revoke one of the principal's account's sessions; None if it has no such one."""
@@ -141,6 +178,28 @@ class Sessions:
 
     async def has_live_session(self, wallet: str) -> bool:
         return await self.store.wallet_has_live_session(wallet)
+
+
+def _session_expiry(authorization: Authorization, policy: SessionPolicy | None,
+                    now_s: float) -> int:
+    """The signed expiresAt, or the policy's end if sooner: a session never outlives its key."""
+    if policy is None:
+        return authorization.expires_at_s
+    if policy.valid_until_s <= now_s:
+        # The verifier judged the policy live a moment ago; only a chain clock ahead of ours
+        # gets here, and the key is then as good as expired.
+        raise PermissionDenied("sessionKey's policy has expired", param="sessionKey",
+                               code="session_key_expired")
+    return min(authorization.expires_at_s, policy.valid_until_s)
+
+
+# Keeping a session: the key went bad after the session opened, so its token is refused.
+_SESSION_KEY_REFUSALS: dict[PolicyFault, tuple[str, str]] = {
+    PolicyFault.NOT_GRANTED: ("the session key was revoked on chain", "session_key_revoked"),
+    PolicyFault.EXPIRED: ("the session key has expired on chain", "session_key_expired"),
+    PolicyFault.WRONG_TERMS: ("the session key's policy no longer pays Tollgate",
+                              "session_key_policy_changed"),
+}
 
 
 def _check_agreement(claims: SessionClaims, row: SessionAccount) -> None:

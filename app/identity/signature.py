@@ -19,7 +19,7 @@ from app.errors import AuthenticationFailed
 SIGNATURE_HEADER = "X-Authorization-Signature"
 ECDSA_SIGNATURE_BYTES = 65
 # The header bound leaves room for contract-wallet signatures (ERC-1271, ERC-6492
-# wrappers) that a later verifier accepts; the ECDSA verifier wants exactly 65 bytes.
+# wrappers) that the chain verifier accepts; the ECDSA verifier wants exactly 65 bytes.
 SIGNATURE_BYTES_MAX = 2048
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 SECP256K1_HALF_N = SECP256K1_N // 2

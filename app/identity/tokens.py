@@ -2,7 +2,10 @@
 
 Claims: ``iss``, ``aud``, ``sub`` (``acct_<id>``), ``iat``, ``exp`` (the signed
 ``expiresAt``), ``jti`` (the session id), and ``wallet``, ``smart_account``,
-``chain_id``, ``session_key``. Verification accepts exactly one algorithm (the
+``chain_id``, ``session_key``, ``session_key_bound`` (the session depends on the
+session key's on-chain policy and is refused once it is revoked or expired; a token
+without it predates smart accounts and depends on none). Verification accepts
+exactly one algorithm (the
 configured one: never ``none``, never the other), requires every claim, and
 allows the authorization clock skew as leeway.
 
@@ -52,6 +55,8 @@ class SessionClaims:
     jti: str
     issued_at_s: int
     expires_at_s: int
+    # The session depends on the session key's policy on chain (a TollgateAccount's key).
+    session_key_bound: bool = False
 
 
 def token_refused(message: str, code: str) -> AuthenticationFailed:
@@ -129,6 +134,7 @@ class TokenCodec:
             "smart_account": claims.smart_account,
             "chain_id": claims.chain_id,
             "session_key": claims.session_key,
+            "session_key_bound": claims.session_key_bound,
         }
         return jwt.encode(payload, self.keys.signing_key, algorithm=self.keys.algorithm)
 
@@ -173,12 +179,14 @@ def _session_claims(payload: dict[str, object]) -> SessionClaims | None:
     issued_at_s, expires_at_s = payload.get("iat"), payload.get("exp")
     wallet, smart_account = payload.get("wallet"), payload.get("smart_account")
     session_key = payload.get("session_key")
+    session_key_bound = payload.get("session_key_bound", False)
     if (
         subject is None
         or not isinstance(jti, str) or not JTI_PATTERN.fullmatch(jti)
         or not _integer(chain_id) or not _integer(issued_at_s) or not _integer(expires_at_s)
         or not is_address(wallet) or not is_address(smart_account)
         or not is_address(session_key)
+        or not isinstance(session_key_bound, bool)
     ):
         return None
     assert isinstance(chain_id, int) and isinstance(issued_at_s, int)
@@ -188,7 +196,7 @@ def _session_claims(payload: dict[str, object]) -> SessionClaims | None:
     return SessionClaims(
         account_id=int(subject.group(1)), wallet=wallet, smart_account=smart_account,
         chain_id=chain_id, session_key=session_key, jti=jti, issued_at_s=issued_at_s,
-        expires_at_s=expires_at_s,
+        expires_at_s=expires_at_s, session_key_bound=session_key_bound,
     )
 
 

@@ -9,9 +9,11 @@ import time
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
+from eth_typing import Hash32
+from web3 import AsyncHTTPProvider, AsyncWeb3, Web3
 
-from app.errors import ApiError, AuthenticationFailed, PermissionDenied
+from app.chain.client import ChainClient
+from app.errors import ApiError, AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from app.identity.authorization import Authorization
 from app.identity.chain_verifier import ChainVerifier, authorization_digest
 from tests.chain.conftest import ChainEnv
@@ -38,7 +40,7 @@ def authorization(env: ChainEnv, wallet: str, account: str, session_key: str) ->
 
 
 def sign(signer: LocalAccount, message: Authorization) -> bytes:
-    return bytes(signer.unsafe_sign_hash(authorization_digest(message)).signature)
+    return bytes(signer.unsafe_sign_hash(Hash32(authorization_digest(message))).signature)
 
 
 def deployed_account(env: ChainEnv, *, session_key: str | None = None,
@@ -64,20 +66,24 @@ async def test_owner_with_a_live_session_key(env: ChainEnv) -> None:
     key = Account.create()
     account = deployed_account(env, session_key=key.address)
     message = authorization(env, env.owner.address, account, key.address)
-    await verifier(env).verify(message, sign(env.owner, message))
+    policy = await verifier(env).verify(message, sign(env.owner, message))
+    # The session depends on this policy: it pays the settlement contract until validUntil.
+    assert policy is not None and policy.live
+    assert policy.payee == SETTLEMENT.lower() and policy.token == env.usdc.address.lower()
+    assert policy.valid_until_s > env.chain.now()
 
 
 async def test_the_session_key_itself_may_sign(env: ChainEnv) -> None:
     key = Account.create()
     account = deployed_account(env, session_key=key.address)
     message = authorization(env, key.address, account, key.address)
-    await verifier(env).verify(message, sign(key, message))
+    assert await verifier(env).verify(message, sign(key, message)) is not None
 
 
 async def test_an_eoa_paying_for_itself(env: ChainEnv) -> None:
     wallet = Account.create()
     message = authorization(env, wallet.address, wallet.address, Account.create().address)
-    await verifier(env).verify(message, sign(wallet, message))
+    assert await verifier(env).verify(message, sign(wallet, message)) is None
 
 
 async def test_an_undeployed_account_signs_with_erc6492(env: ChainEnv) -> None:
@@ -85,7 +91,9 @@ async def test_an_undeployed_account_signs_with_erc6492(env: ChainEnv) -> None:
     account = env.factory.functions.getAddress(env.owner.address, salt).call()
     message = authorization(env, account, account, Account.create().address)
     inner = sign_1271(env.chain, env.owner, account, authorization_digest(message))
-    await verifier(env).verify(message, wrap_6492(env.factory, env.owner, salt, inner))
+    # Not deployed: no session keys yet, so the session depends on no policy.
+    assert await verifier(env).verify(
+        message, wrap_6492(env.factory, env.owner, salt, inner)) is None
 
 
 async def test_refusals(env: ChainEnv) -> None:
@@ -126,3 +134,35 @@ async def test_a_revoked_session_key_cannot_open_a_session(env: ChainEnv) -> Non
     env.chain.send(revoke, env.owner)
     message = authorization(env, env.owner.address, account, key.address)
     assert (await refused(env, message, sign(env.owner, message))).code == "session_key_not_live"
+
+
+async def test_an_expired_session_key_cannot_open_a_session(env: ChainEnv) -> None:
+    key = Account.create()
+    account = deployed_account(env, session_key=key.address)
+    env.chain.advance(86_400)
+    message = authorization(env, key.address, account, key.address)
+    error = await refused(env, message, sign(key, message))
+    assert isinstance(error, PermissionDenied) and error.code == "session_key_expired"
+
+
+async def test_a_foreign_contract_can_only_sign_for_itself(env: ChainEnv) -> None:
+    """Nobody's key may claim a contract that is not a Tollgate account (here the token)."""
+    key = actor("verifier-claims-usdc")
+    message = authorization(env, key.address, env.usdc.address, key.address)
+    error = await refused(env, message, sign(key, message))
+    assert isinstance(error, PermissionDenied) and error.code == "smart_account_not_supported"
+
+
+async def test_an_unreachable_node_is_503_never_a_pass(env: ChainEnv) -> None:
+    # Nothing listens on the discard port: every call fails to connect.
+    down = ChainClient(AsyncWeb3(AsyncHTTPProvider("http://127.0.0.1:9")), env.chain.chain_id,
+                       call_timeout_s=2.0)
+    unreachable = ChainVerifier(down, settlement=SETTLEMENT, token=env.usdc.address,
+                                factory_allowlist={env.factory.address})
+    key = Account.create()
+    account = deployed_account(env, session_key=key.address)
+    message = authorization(env, env.owner.address, account, key.address)
+    with pytest.raises(ServiceUnavailable) as error:
+        await unreachable.verify(message, sign(env.owner, message))
+    assert error.value.code == "chain_unavailable"
+    await down.close()

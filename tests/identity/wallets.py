@@ -13,7 +13,9 @@ from typing import Any
 
 import aiohttp
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 from multidict import CIMultiDictProxy
 
 CHAIN_ID = 31337
@@ -58,17 +60,30 @@ def message(signer: LocalAccount, /, **overrides: Any) -> dict[str, Any]:
     return body
 
 
-def sign(wallet: LocalAccount, body: dict[str, Any], *, domain_chain_id: int | None = None
-         ) -> str:
-    """The 0x hex signature of ``body`` as EIP-712 typed data (v is 27 or 28)."""
+def typed_data(body: dict[str, Any], *, domain_chain_id: int | None = None
+               ) -> dict[str, Any]:
+    """``body`` as the EIP-712 document a wallet signs."""
     chain_id = body["chainId"] if domain_chain_id is None else domain_chain_id
-    signed = wallet.sign_typed_data(full_message={
+    return {
         "types": TYPES,
         "primaryType": "Authorization",
         "domain": {"name": "Tollgate", "version": "1", "chainId": chain_id},
         "message": body,
-    })
+    }
+
+
+def sign(wallet: LocalAccount, body: dict[str, Any], *, domain_chain_id: int | None = None
+         ) -> str:
+    """The 0x hex signature of ``body`` as EIP-712 typed data (v is 27 or 28)."""
+    signed = wallet.sign_typed_data(full_message=typed_data(body,
+                                                            domain_chain_id=domain_chain_id))
     return "0x" + bytes(signed.signature).hex()
+
+
+def digest(body: dict[str, Any]) -> bytes:
+    """The EIP-712 digest of ``body``: what a contract wallet's signature covers (ERC-1271)."""
+    signable = encode_typed_data(full_message=typed_data(body))
+    return keccak(b"\x19" + signable.version + signable.header + signable.body)
 
 
 async def post_authorization(
