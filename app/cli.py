@@ -1,4 +1,4 @@
-"""The ``tollgate`` command: serve, migrate, dev-wallet, mock-upstream."""
+"""The ``tollgate`` command: serve, migrate, dev-wallet, reconcile, mock-upstream."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     wallet.add_argument("--json", action="store_true", help="machine-readable output")
     wallet.add_argument("--token", action="store_true", help="print only the session token")
 
+    reconcile = commands.add_parser(
+        "reconcile", help="match the ledger with the chain and check its invariants (exit 1: no)")
+    reconcile.add_argument("--state-dir", type=Path,
+                           help="use this state dir's embedded database and dev chain")
+    output = reconcile.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="the report as JSON")
+    output.add_argument("--csv", action="store_true", help="the report as CSV")
+    reconcile.add_argument("--from-block", type=int,
+                           help="first block to read (default: the settlement's deployment)")
+    reconcile.add_argument("--to-block", type=int, help="last block to read (default: latest)")
+
+    commands.add_parser("settle", help="one settlement pass (DATABASE_URL, a configured chain"
+                        " and the operator key); exit 1 if a collection failed")
+
     mock = commands.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8401)
@@ -53,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(args)
         if args.command == "dev-wallet":
             return _dev_wallet(args)
+        if args.command == "reconcile":
+            from app.reconcile.command import run_reconcile
+
+            return run_reconcile(args)
+        if args.command == "settle":
+            from app.settlement.command import run_settle
+
+            return run_settle(load_settings())
         if args.command == "mock-upstream":
             from app.devstack.mock_upstream import run_mock_upstream
 

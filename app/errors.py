@@ -9,6 +9,7 @@ Redis) are translated into this tree where they happen, never leaked raw.
     ├── InvalidRequest             400    invalid_request_error
     ├── AuthenticationFailed       401    authentication_error
     ├── PaymentRequired            402    payment_required
+    │   └── CreditLimitExceeded    402    payment_required  (carries the amounts)
     ├── PermissionDenied           403    permission_error
     ├── NotFound                   404    not_found_error
     ├── RequestTooLarge            413    invalid_request_error
@@ -78,6 +79,44 @@ class PaymentRequired(ApiError):
     status = 402
     type = "payment_required"
     default_code = "payment_required"
+
+
+class CreditLimitExceeded(PaymentRequired):
+    """This request's maximum cost does not fit under the account's credit limit.
+
+    Carries the amounts (integer micro-USD) the rule was applied to, so the x402
+    layer can ask for a payment: ``balance + open holds + max cost <= credit limit``
+    must hold to be served, and ``payment_required_micros`` is the smallest payment
+    that makes it hold (a payment lowers the balance by its amount). A payment
+    cannot help when ``max_cost_micros`` alone exceeds what any balance admits.
+    """
+
+    default_code = "credit_limit_exceeded"
+
+    def __init__(
+        self,
+        *,
+        balance_micros: int,
+        held_micros: int,
+        max_cost_micros: int,
+        credit_limit_micros: int,
+        code: str | None = None,
+    ) -> None:
+        self.balance_micros = balance_micros
+        self.held_micros = held_micros
+        self.max_cost_micros = max_cost_micros
+        self.credit_limit_micros = credit_limit_micros
+        shortfall = balance_micros + held_micros + max_cost_micros - credit_limit_micros
+        # At least one micro-USD: the request was refused, so something must be paid
+        # even when holds released since the refusal make the numbers fit (a retry may).
+        self.payment_required_micros = max(1, shortfall)
+        super().__init__(
+            f"this request may cost up to {max_cost_micros} micro-USD; balance"
+            f" {balance_micros} + open holds {held_micros} + {max_cost_micros} exceeds the"
+            f" credit limit of {credit_limit_micros} micro-USD; pay at least"
+            f" {self.payment_required_micros} micro-USD to be served",
+            code=code,
+        )
 
 
 class PermissionDenied(ApiError):

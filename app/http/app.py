@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from eth_account import Account
 
+from app.admin.setup import setup_admin
 from app.chain.client import ChainClient
 from app.chain.config import ChainConfig
 from app.chain.errors import ChainError
+from app.chain.operator import OperatorWallet
 from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.errors import error_middleware
@@ -21,6 +24,7 @@ from app.http.keys import (
     FORWARDER,
     HTTP_CLIENT,
     METRICS,
+    OPERATOR,
     PIPELINE,
     REDIS,
     SETTINGS,
@@ -31,8 +35,10 @@ from app.http.routes import chat, health, models
 from app.identity.setup import setup_identity
 from app.ledger.setup import setup_ledger
 from app.limits.setup import setup_limits
+from app.payments.setup import setup_payments
 from app.proxy.forward import Forwarder
 from app.proxy.pipeline import Pipeline, Stage
+from app.settlement.setup import setup_settlement
 from app.storage.database import create_engine
 from app.storage.redis_client import create_redis
 
@@ -77,11 +83,17 @@ def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.
         metrics,
         setup_identity(app, chain=backends.chain),
         setup_limits(app),
-        setup_ledger(app),
     ]
+    # A payment the request carries is credited before the ledger applies the balance rule.
+    payments = setup_payments(app, backends.chain)
+    if payments is not None:
+        stages.append(payments)
+    stages.append(setup_ledger(app))
     app[PIPELINE] = Pipeline(stages)
     app.cleanup_ctx.append(_upstream_client)
     app.on_shutdown.append(_drain_settlements)
+    setup_admin(app, chain=backends.chain)
+    setup_settlement(app, chain=backends.chain)
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_get("/v1/models", models.list_models)
@@ -128,6 +140,10 @@ def _chain(config: ChainConfig):  # type: ignore[no-untyped-def]
                 f" ({type(error).__name__}: {error})"
             ) from None
         app[CHAIN] = client
+        if config.operator_private_key is not None:
+            # One wallet per process: every concern that sends the operator's
+            # transactions shares its nonce sequence (two would clash).
+            app[OPERATOR] = OperatorWallet(client, Account.from_key(config.operator_private_key))
         yield
         await client.close()
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.chain.client import ChainClient
+from app.chain.operator import OperatorWallet
 from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.metrics import Metrics
@@ -24,3 +25,5 @@ DATABASE = web.AppKey("database", AsyncEngine)
 REDIS = web.AppKey("redis", redis.Redis)
 # The one chain client (only with a chain configured): identity, settlement and x402 share it.
 CHAIN = web.AppKey("chain", ChainClient)
+# The operator's transaction sender, when a chain with an operator key is configured.
+OPERATOR = web.AppKey("operator", OperatorWallet)

@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import hmac
-
 import orjson
-from aiohttp import hdrs, web
+from aiohttp import web
 
+from app.admin.auth import require_admin
 from app.errors import InvalidRequest, NotFound, RequestTooLarge
 from app.http.keys import SETTINGS
 from app.identity.addresses import parse_address
@@ -23,7 +22,7 @@ from app.identity.authenticate import authenticate
 from app.identity.authorization import BODY_BYTES_MAX, parse_authorization, schema_document
 from app.identity.sessions import SESSIONS
 from app.identity.signature import SIGNATURE_HEADER, signature_from_header
-from app.identity.tokens import JTI_PATTERN, bearer_token, token_refused
+from app.identity.tokens import JTI_PATTERN
 
 REVOCATION = "session.revocation"
 
@@ -90,20 +89,10 @@ async def revoke_one(request: web.Request) -> web.Response:
 
 
 async def admin_revoke_wallet(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     wallet = parse_address(request.match_info["wallet"], "wallet")
     revoked = await request.app[SESSIONS].revoke_wallet(wallet)
     return _revocation(revoked, wallet=wallet)
-
-
-def _require_admin(request: web.Request) -> None:
-    """The operator's token; without one configured the admin endpoints do not exist."""
-    admin_token = request.app[SETTINGS].admin_token
-    if admin_token is None:
-        raise NotFound("unknown URL; see the API reference", code="unknown_url")
-    presented = bearer_token(request.headers.getall(hdrs.AUTHORIZATION, []))
-    if not hmac.compare_digest(presented.encode(), admin_token.get_secret_value().encode()):
-        raise token_refused("not the admin token", "invalid_admin_token")
 
 
 def _revocation(jtis: list[str], **extra: str) -> web.Response:

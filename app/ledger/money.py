@@ -17,6 +17,13 @@ each from its exact value:
 
 So the commission is never computed from an already rounded base, and the
 rounding error of either amount is at most half a micro-USD.
+
+**Holds round up.** A hold (``app.ledger.holds``) reserves the most a request can
+cost, so it must never be smaller than the recorded cost could be. Its base and
+commission are each rounded **up** from the same exact values the rule above
+rounds half up; since each rounded-up amount is at least its rounded-half-up
+counterpart, and the exact cost only grows with tokens, a hold priced for at least
+the tokens actually used always covers the record.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ def round_half_up(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded half up, for non-negative integers."""
     assert numerator >= 0 and denominator > 0
     return (2 * numerator + denominator) // (2 * denominator)
+
+
+def round_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded up, for non-negative integers (holds only)."""
+    assert numerator >= 0 and denominator > 0
+    return -(-numerator // denominator)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +97,22 @@ def price_usage(price: Price, usage: Usage, commission_bps: int) -> Cost:
     base = round_half_up(exact, TOKENS_PER_PRICE_UNIT)
     commission = round_half_up(exact * commission_bps, TOKENS_PER_PRICE_UNIT * BPS_PER_UNIT)
     return Cost(base, commission_bps, commission)
+
+
+def cost_ceiling_micros(
+    price: Price, prompt_tokens: int, completion_tokens: int, commission_bps: int
+) -> int:
+    """The most ``prompt_tokens`` in and ``completion_tokens`` out can cost, commission included.
+
+    Every prompt token is priced at the dearer of the input and cached-input rates
+    (a catalog may price cached tokens above fresh ones), and both amounts are
+    rounded up (see "Holds round up" above), so no record for at most these
+    tokens can cost more.
+    """
+    assert prompt_tokens >= 0 and completion_tokens >= 0
+    assert 0 <= commission_bps <= BPS_PER_UNIT
+    prompt_price = max(price.input_per_mtok_micros, price.cached_input_per_mtok_micros)
+    exact = prompt_tokens * prompt_price + completion_tokens * price.output_per_mtok_micros
+    base = round_up(exact, TOKENS_PER_PRICE_UNIT)
+    commission = round_up(exact * commission_bps, TOKENS_PER_PRICE_UNIT * BPS_PER_UNIT)
+    return base + commission

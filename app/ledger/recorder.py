@@ -1,16 +1,20 @@
-"""Writing usage records with group commit.
+"""Writing usage records and resolving holds, with group commit.
 
-Every completed request writes one record and adds its total to its account's
-debt, in one transaction. That write is on every request, so concurrent requests
-share transactions: one writer task takes everything queued while the previous
-transaction was committing, writes it as one multi-row INSERT plus one UPDATE of
-the accounts, commits once, and wakes each request with its own result. Under
-load a batch grows with the commit latency; alone, a request waits for exactly
-one commit. No timer delays anyone.
+Every call that was admitted resolves its hold here: a completed call writes one
+usage record, deletes its hold and moves the amounts on its account (usage up by
+the record's total, held down by the hold's amount) in one transaction; a call
+that produced nothing only releases its hold. That write is on every request, so
+concurrent requests share transactions: one writer task takes everything queued
+while the previous transaction was committing, writes it as one statement (a
+multi-row INSERT, a DELETE of the holds, one UPDATE of the accounts), commits
+once, and wakes each request with its own result. Under load a batch grows with
+the commit latency; alone, a request waits for exactly one commit. No timer
+delays anyone.
 
 The request id is unique in ``usage_records``; a record whose id is already
-there is skipped and adds nothing to the debt, so a retried write never
-charges twice.
+there is skipped and adds nothing to the usage, so a retried write never
+charges twice. A hold is subtracted only by the statement that deletes it, so
+a hold released twice (a retry, the expiry sweep) is subtracted once.
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailable
-from app.storage.tables import accounts, usage_records
+from app.ledger import driver
+from app.storage.tables import accounts, holds, usage_records
 
 log = logging.getLogger(__name__)
 
-# Rows per transaction: large enough to absorb bursts, small enough to stay
-# far below Postgres' 32767 bind parameters (21 per row).
+# Writes per transaction: large enough to absorb bursts, small enough to keep one
+# transaction (and the account rows it locks) short.
 MAX_BATCH_RECORDS = 500
 # A write that fails (Postgres restarting, a network blip) is retried this often.
 WRITE_ATTEMPTS = 3
@@ -53,27 +58,41 @@ _NAMES = ", ".join(name for name, _ in RECORD_COLUMNS)
 _ARRAYS = ", ".join(
     f"${position}::{kind}[]" for position, (_, kind) in enumerate(RECORD_COLUMNS, start=1)
 )
+_RELEASES = f"${len(RECORD_COLUMNS) + 1}::text[]"
 # One statement, built once, one round trip: insert the batch (one array per column),
-# skip request ids already recorded, and add exactly the inserted totals to the
-# accounts' debt. A statement is atomic, so the records and the debts move together.
-# It runs on the pooled connection's asyncpg driver, prepared once per connection:
-# through SQLAlchemy's execution layers the same write cost 2.0 ms at c=1, directly
-# 0.85 ms. The table and column names still come from the SQLAlchemy metadata.
+# skip request ids already recorded, delete the holds of the batch's request ids (the
+# recorded ones and those released without a record), and move exactly the inserted
+# totals and the deleted holds on the accounts. A statement is atomic, so records,
+# holds and totals move together. An account is updated once per statement, so its
+# changes are summed first. It runs on the driver (``app.ledger.driver``).
 WRITE_BATCH = f"""
 WITH inserted AS (
     INSERT INTO {usage_records.name} ({_NAMES})
     SELECT * FROM unnest({_ARRAYS})
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, account_id, total_micros
-), debts AS (
+), released AS (
+    DELETE FROM {holds.name}
+    WHERE request_id = ANY({_RELEASES})
+    RETURNING request_id, account_id, amount_micros
+), changes AS (
+    SELECT account_id, sum(used)::bigint AS used, sum(freed)::bigint AS freed FROM (
+        SELECT account_id, total_micros AS used, 0 AS freed FROM inserted
+        UNION ALL
+        SELECT account_id, 0, amount_micros FROM released
+    ) AS change
+    GROUP BY account_id
+), totals AS (
     UPDATE {accounts.name} AS account
-    SET debt_micros = account.debt_micros + owed.total
-    FROM (SELECT account_id, sum(total_micros) AS total FROM inserted GROUP BY account_id)
-        AS owed
-    WHERE account.id = owed.account_id
+    SET usage_micros = account.usage_micros + changes.used,
+        held_micros = account.held_micros - changes.freed
+    FROM changes
+    WHERE account.id = changes.account_id
     RETURNING account.id
 )
-SELECT request_id FROM inserted
+SELECT request_id, NULL::bigint AS released_micros FROM inserted
+UNION ALL
+SELECT request_id, amount_micros FROM released
 """
 
 
@@ -109,12 +128,33 @@ class UsageEntry:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+@dataclass(frozen=True, slots=True)
+class HoldRelease:
+    """A call that produced nothing: its hold is released and nothing is recorded."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one write did once committed."""
+
+    # The usage record was inserted by this write (False: already there, or a release).
+    recorded: bool
+    # The amount of the hold this write deleted; None when the request had no open
+    # hold (none was taken, it expired, or an earlier write released it).
+    released_micros: int | None
+
+
+Write: TypeAlias = UsageEntry | HoldRelease
+
+
 class UsageRecorder:
-    """The process's single writer of usage records."""
+    """The process's single writer of usage records and hold resolutions."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.queue: asyncio.Queue[tuple[UsageEntry, asyncio.Future[bool]]] = asyncio.Queue(
+        self.queue: asyncio.Queue[tuple[Write, asyncio.Future[Written]]] = asyncio.Queue(
             MAX_QUEUED_RECORDS
         )
         self.task: asyncio.Task[None] | None = None
@@ -135,14 +175,36 @@ class UsageRecorder:
             await self.task
         self.task = None
 
-    async def record(self, entry: UsageEntry) -> bool:
-        """Write one record and wait for its commit. False: the request id was already recorded.
+    async def record(self, entry: UsageEntry) -> Written:
+        """Write one record, release its request's hold, and wait for the commit.
 
         Raises ``ServiceUnavailable`` when the database could not take it.
         """
+        return await self._write_one(entry)
+
+    async def release(self, request_id: str) -> Written:
+        """Release the hold of a request that produced nothing, and wait for the commit."""
+        return await self._write_one(HoldRelease(request_id))
+
+    def release_soon(self, request_id: str) -> None:
+        """Queue a release nobody waits for (an admission interrupted by cancellation).
+
+        When the queue is full the hold is left to expire.
+        """
         assert self.task is not None, "the recorder is not running"
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self.queue.put((entry, future))
+        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        # Nobody awaits it: read its failure here so it is not reported as lost.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            self.queue.put_nowait((HoldRelease(request_id), future))
+        except asyncio.QueueFull:
+            log.warning("hold of request %s left to expire: the ledger queue is full",
+                        request_id)
+
+    async def _write_one(self, write: Write) -> Written:
+        assert self.task is not None, "the recorder is not running"
+        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        await self.queue.put((write, future))
         return await future
 
     async def _run(self) -> None:
@@ -162,12 +224,13 @@ class UsageRecorder:
                     self.queue.task_done()
 
     async def _write_with_retries(
-        self, batch: list[tuple[UsageEntry, asyncio.Future[bool]]]
+        self, batch: list[tuple[Write, asyncio.Future[Written]]]
     ) -> None:
-        entries = _unique(entry for entry, _ in batch)
+        entries = _unique(write for write, _ in batch if isinstance(write, UsageEntry))
+        releases = sorted({write.request_id for write, _ in batch})
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                inserted = await self._write(entries)
+                inserted, released = await self._write(entries, releases)
                 break
             except Exception as error:
                 # asyncpg raises more than PostgresError and InterfaceError on a
@@ -181,36 +244,33 @@ class UsageRecorder:
                 await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
         self.batches_written += 1
         self.records_written += len(inserted)
-        for entry, future in batch:
+        for write, future in batch:
             if not future.done():
-                future.set_result(entry.request_id in inserted)
+                recorded = isinstance(write, UsageEntry) and write.request_id in inserted
+                future.set_result(Written(recorded, released.pop(write.request_id, None)))
                 # Only the first of two queued duplicates counts as inserted.
-                inserted.discard(entry.request_id)
+                inserted.discard(write.request_id)
 
-    async def _write(self, entries: list[UsageEntry]) -> set[str]:
-        """One transaction: insert new records, add their totals to their accounts' debt."""
+    async def _write(
+        self, entries: list[UsageEntry], releases: list[str]
+    ) -> tuple[set[str], dict[str, int]]:
+        """One transaction: insert new records, delete holds, move the accounts' totals.
+
+        Returns the request ids inserted, and the amount of each hold deleted.
+        """
         # Postgres does not promise the UPDATE locks accounts in input order, so two
         # processes writing the same accounts can deadlock; Postgres then aborts one
         # transaction, which is retried above with nothing written.
         rows = sorted(entries, key=lambda entry: entry.account_id)
         arrays = [[getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS]
-        async with self.engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
-            try:
-                records = await driver.fetch(WRITE_BATCH, *arrays)
-            except BaseException:
-                # Errors from the driver bypass SQLAlchemy's own detection, and after a
-                # terminated backend asyncpg can fail with any of several exception
-                # types. A connection that saw an error is never trusted again: it is
-                # closed, not returned to the pool. Errors are rare; a reconnect is cheap.
-                await connection.invalidate()
-                raise
-        return {record["request_id"] for record in records}
+        result = await driver.fetch(self.engine, WRITE_BATCH, *arrays, releases)
+        inserted = {row["request_id"] for row in result if row["released_micros"] is None}
+        released = {row["request_id"]: int(row["released_micros"]) for row in result
+                    if row["released_micros"] is not None}
+        return inserted, released
 
 
-def _fail(batch: list[tuple[UsageEntry, asyncio.Future[bool]]]) -> None:
+def _fail(batch: list[tuple[Write, asyncio.Future[Written]]]) -> None:
     failure = ServiceUnavailable(
         "the usage ledger is unavailable; the request was not billed",
         code="ledger_unavailable",

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from app.errors import InvalidRequest, NotFound
 from app.http.keys import DATABASE, SETTINGS
 from app.identity.authenticate import authenticate
+from app.ledger.balance import AccountBalance
 from app.ledger.money import COST_UNIT
 from app.storage.tables import accounts, usage_records
 
@@ -47,6 +48,13 @@ async def get_account(request: web.Request) -> web.Response:
         sums = (await connection.execute(totals)).mappings().one()
     if account is None:
         raise NotFound("account not found", code="account_not_found")
+    balance = AccountBalance(
+        usage_micros=account["usage_micros"],
+        paid_micros=account["paid_micros"],
+        held_micros=account["held_micros"],
+        credit_limit_micros=account["credit_limit_micros"],
+        settlement_failed=account["settlement_failed_at"] is not None,
+    )
     return web.json_response({
         "object": "account",
         "id": f"acct_{account['id']}",
@@ -55,8 +63,15 @@ async def get_account(request: web.Request) -> web.Response:
         "chain_id": account["chain_id"],
         "status": account["status"],
         "cost_unit": COST_UNIT,
-        "debt": account["debt_micros"],
-        "credit_limit": account["credit_limit_micros"],
+        # The balance rule (app.ledger.balance): a request is served while its maximum
+        # cost fits in "available" = credit_limit - balance - open_holds.
+        "usage": balance.usage_micros,
+        "payments": balance.paid_micros,
+        "balance": balance.balance_micros,
+        "open_holds": balance.held_micros,
+        "credit_limit": balance.effective_credit_limit_micros,
+        "available": balance.available_micros,
+        "settlement_failed": balance.settlement_failed,
         "totals": {key: int(value) for key, value in sums.items()},
         "limits": {
             "requests_per_min": account["rate_limit_requests_per_min"]

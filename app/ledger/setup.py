@@ -1,4 +1,15 @@
-"""Installs the ledger: the usage recorder, the record stage, the account-holder routes."""
+"""Installs the ledger: holds and usage records, the expiry sweep, the account-holder routes.
+
+    money.py      the unit (micro-USD), the rounding rules, pricing a usage
+    balance.py    the balance rule: usage - paid + holds + max cost <= credit limit
+    holds.py      a call's maximum cost and hold lifetime; the admission statement
+    recorder.py   group commit: usage records written and holds resolved together
+    expiry.py     the periodic release of holds left by crashed processes
+    stage.py      the pipeline stage: hold at admit, record or release at settle
+    driver.py     running the hot statements on the asyncpg driver
+    audit.py      running totals checked against the rows they sum
+    routes.py     GET /v1/account, GET /v1/usage
+"""
 
 from __future__ import annotations
 
@@ -7,11 +18,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from app.http.keys import DATABASE, METRICS, SETTINGS
+from app.ledger.expiry import HoldSweeper
 from app.ledger.recorder import UsageRecorder
 from app.ledger.stage import LedgerStage
 from app.proxy.pipeline import Stage
 
 RECORDER = web.AppKey("usage_recorder", UsageRecorder)
+SWEEPER = web.AppKey("hold_sweeper", HoldSweeper)
 
 
 def setup_ledger(app: web.Application) -> Stage:
@@ -19,17 +32,23 @@ def setup_ledger(app: web.Application) -> Stage:
 
     stage = LedgerStage(app[SETTINGS], app[METRICS])
 
-    async def recorder_context(app: web.Application) -> AsyncIterator[None]:
-        recorder = UsageRecorder(app[DATABASE])
+    async def ledger_context(app: web.Application) -> AsyncIterator[None]:
+        engine = app[DATABASE]
+        recorder = UsageRecorder(engine)
         recorder.start()
+        sweeper = HoldSweeper(engine)
+        sweeper.start()
         app[RECORDER] = recorder
+        app[SWEEPER] = sweeper
+        stage.engine = engine
         stage.recorder = recorder
         yield
+        await sweeper.stop()
         # Shutdown waits for in-flight settlements first (on_shutdown), so the queue
         # holds everything that will ever be written.
         await recorder.stop()
 
-    app.cleanup_ctx.append(recorder_context)
+    app.cleanup_ctx.append(ledger_context)
     app.router.add_get("/v1/account", routes.get_account)
     app.router.add_get("/v1/usage", routes.list_usage)
     return stage

@@ -1,40 +1,87 @@
-"""The record stage: every completed call becomes one usage record, before its last byte."""
+"""The ledger stage: a hold before forwarding, a usage record (or a release) after.
+
+``admit`` reserves the call's maximum cost on its account, atomically with the
+balance rule (``app.ledger.holds``), or refuses with 402. ``settle`` prices the
+outcome and writes its usage record, which resolves the hold in the same
+transaction (``app.ledger.recorder``); a call that produced nothing only
+releases its hold. Every admitted call settles exactly once (the pipeline's
+promise), so every hold is resolved once; a process that dies in between leaves
+its holds to expire (``app.ledger.expiry``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from app.config.settings import Settings
+from app.errors import ApiError, ServiceUnavailable
 from app.http.metrics import Metrics
-from app.ledger.money import COST_UNIT, price_usage
-from app.ledger.recorder import UsageEntry, UsageRecorder
+from app.ledger.balance import AccountBalance, read_balance
+from app.ledger.holds import hold_lifetime_s, max_cost_micros, take_hold
+from app.ledger.money import COST_UNIT, Cost, price_usage
+from app.ledger.recorder import UsageEntry, UsageRecorder, Written
 from app.proxy.pipeline import ChatCall
 
 log = logging.getLogger(__name__)
+
+# A refused hold is checked against a fresh read of the account; when holds released
+# in between make it fit after all, the hold is tried again, this many times in all.
+ADMIT_ATTEMPTS = 3
+# The hold statement is idempotent by request id, so a failure (a pooled connection
+# found dead) is retried once on a fresh connection.
+TAKE_ATTEMPTS = 2
 
 
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else round(seconds * 1000)
 
 
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("the ledger is unavailable; the request was not forwarded",
+                              code="ledger_unavailable")
+
+
 class LedgerStage:
-    """Prices the outcome, writes the record and the debt, and tells the caller the cost."""
+    """Holds the most a call can cost, then records what it did cost."""
 
     name = "ledger"
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.commission_bps = settings.commission_bps
         self.metrics = metrics
-        self.recorder: UsageRecorder | None = None  # set at startup
+        # Set at startup.
+        self.engine: AsyncEngine | None = None
+        self.recorder: UsageRecorder | None = None
 
     async def admit(self, call: ChatCall) -> None:
-        return None
+        principal = call.principal
+        if principal is None:
+            return  # Only before authentication exists; see app.limits.stage.
+        amount = max_cost_micros(call, self.commission_bps)
+        lifetime_s = hold_lifetime_s(call.plan)
+        balance: AccountBalance | None = None
+        for _ in range(ADMIT_ATTEMPTS):
+            if await self._take(call, principal.account_id, amount, lifetime_s):
+                call.notes[self.name] = amount
+                return
+            balance = await self._balance(principal.account_id)
+            if not balance.admits(amount):
+                break
+        assert balance is not None
+        raise balance.refusal(amount)
 
     async def settle(self, call: ChatCall) -> None:
+        hold = call.notes.get(self.name)
+        assert hold is None or isinstance(hold, int), "ledger notes hold the held amount"
         outcome = call.outcome
         usage = outcome.usage
         if usage is None or outcome.candidate is None or call.principal is None:
             # Nothing was produced: nothing is owed, nothing is recorded.
+            if hold is not None:
+                await self._release(call)
             return
         assert self.recorder is not None, "ledger used before startup"
         candidate = outcome.candidate
@@ -60,8 +107,10 @@ class LedgerStage:
             latency_ms=_ms(outcome.latency_s),
             time_to_first_chunk_ms=_ms(outcome.time_to_first_chunk_s),
         )
-        recorded = await self.recorder.record(entry)
-        if not recorded:
+        written = await self.recorder.record(entry)
+        if hold is not None:
+            _check_hold(call, hold, cost, written)
+        if not written.recorded:
             log.error("usage of request %s was already recorded; not charged twice",
                       call.request_id)
             return
@@ -69,3 +118,55 @@ class LedgerStage:
         call.response_headers["X-Tollgate-Cost"] = str(cost.total_micros)
         call.response_headers["X-Tollgate-Cost-Unit"] = COST_UNIT
         self.metrics.spent(candidate.model.id, cost.base_micros, cost.commission_micros)
+
+    async def _take(self, call: ChatCall, account_id: int, amount: int, lifetime_s: int
+                    ) -> bool:
+        assert self.engine is not None and self.recorder is not None, "used before startup"
+        for attempt in range(1, TAKE_ATTEMPTS + 1):
+            try:
+                return await take_hold(self.engine, account_id=account_id,
+                                       request_id=call.request_id, amount_micros=amount,
+                                       lifetime_s=lifetime_s)
+            except asyncio.CancelledError:
+                # The statement may have committed: release whatever it took.
+                self.recorder.release_soon(call.request_id)
+                raise
+            except AssertionError:
+                raise  # A broken invariant is a bug, never retried as an outage.
+            except Exception as error:
+                log.error("taking a hold failed (attempt %d/%d): %s: %s", attempt,
+                          TAKE_ATTEMPTS, type(error).__name__, error)
+        self.recorder.release_soon(call.request_id)
+        raise _unavailable()
+
+    async def _balance(self, account_id: int) -> AccountBalance:
+        assert self.engine is not None, "ledger used before startup"
+        try:
+            return await read_balance(self.engine, account_id)
+        except ApiError:
+            raise
+        except Exception as error:
+            log.error("reading a balance failed: %s: %s", type(error).__name__, error)
+            raise _unavailable() from None
+
+    async def _release(self, call: ChatCall) -> None:
+        assert self.recorder is not None, "ledger used before startup"
+        try:
+            written = await self.recorder.release(call.request_id)
+        except ServiceUnavailable:
+            # The call is over and owes nothing; its hold only reserves credit until
+            # it expires. Not worth failing an answer that is already decided.
+            log.warning("hold of request %s not released; it will expire", call.request_id)
+            return
+        if written.released_micros is None:
+            log.warning("request %s had no open hold to release (expired?)", call.request_id)
+
+
+def _check_hold(call: ChatCall, hold_micros: int, cost: Cost, written: Written) -> None:
+    """A completed call is recorded whatever its hold was; a mismatch is logged loudly."""
+    if written.released_micros is None and written.recorded:
+        log.warning("request %s had no open hold when it was recorded (expired?)",
+                    call.request_id)
+    if cost.total_micros > hold_micros:
+        log.error("request %s cost %d micro-USD, more than its hold of %d; recorded anyway",
+                  call.request_id, cost.total_micros, hold_micros)

@@ -1,4 +1,4 @@
-"""Group commit: every record once, debts exact, duplicates never charged twice."""
+"""Group commit: every record once, usage totals exact, duplicates never charged twice."""
 
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ async def recorder(engine: AsyncEngine) -> AsyncIterator[UsageRecorder]:
     await recorder.stop()
 
 
-async def debt_and_count(engine: AsyncEngine, account_id: int) -> tuple[int, int]:
+async def usage_and_count(engine: AsyncEngine, account_id: int) -> tuple[int, int]:
     async with engine.connect() as connection:
-        debt = (await connection.execute(
-            select(accounts.c.debt_micros).where(accounts.c.id == account_id))).scalar_one()
+        usage = (await connection.execute(
+            select(accounts.c.usage_micros).where(accounts.c.id == account_id))).scalar_one()
         count = (await connection.execute(
             select(func.count()).where(usage_records.c.account_id == account_id))).scalar_one()
-    return int(debt), int(count)
+    return int(usage), int(count)
 
 
 async def test_concurrent_records_share_transactions(
@@ -52,10 +52,10 @@ async def test_concurrent_records_share_transactions(
     first, second = await make_account(engine), await make_account(engine)
     entries = [entry(first if i % 3 else second, total=11 + i) for i in range(300)]
     results = await asyncio.gather(*(recorder.record(e) for e in entries))
-    assert all(results)
+    assert all(result.recorded for result in results)
     for account in (first, second):
         mine = [e for e in entries if e.account_id == account]
-        assert await debt_and_count(engine, account) == (sum(e.total_micros for e in mine),
+        assert await usage_and_count(engine, account) == (sum(e.total_micros for e in mine),
                                                          len(mine))
     assert recorder.records_written == 300
     assert recorder.batches_written < 300, "concurrent records were grouped"
@@ -66,12 +66,13 @@ async def test_duplicate_request_id_is_charged_once(
 ) -> None:
     account = await make_account(engine)
     once = entry(account, total=22)
-    assert await recorder.record(once) is True
-    assert await recorder.record(once) is False, "sequential retry"
+    assert (await recorder.record(once)).recorded is True
+    assert (await recorder.record(once)).recorded is False, "sequential retry"
     again = await asyncio.gather(*(recorder.record(entry(account, 22, "req_same"))
                                    for _ in range(5)))
-    assert sorted(again) == [False, False, False, False, True], "same batch: one wins"
-    assert await debt_and_count(engine, account) == (44, 2)
+    assert sorted(w.recorded for w in again) == [False, False, False, False, True], \
+        "same batch: one wins"
+    assert await usage_and_count(engine, account) == (44, 2)
 
 
 async def test_unreachable_database_is_a_clear_503() -> None:
@@ -99,14 +100,14 @@ async def test_a_connection_killed_under_the_recorder_is_replaced(postgres_url: 
     recorder.start()
     try:
         account = await make_account(own_engine)
-        assert await recorder.record(entry(account, total=11)) is True
+        assert (await recorder.record(entry(account, total=11))).recorded is True
         async with own_engine.connect() as connection:
             raw = await connection.get_raw_connection()
             pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
         async with create_engine(postgres_url).connect() as killer:
             await killer.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
-        assert await recorder.record(entry(account, total=22)) is True
-        assert await debt_and_count(own_engine, account) == (33, 2)
+        assert (await recorder.record(entry(account, total=22))).recorded is True
+        assert await usage_and_count(own_engine, account) == (33, 2)
     finally:
         await recorder.stop()
         await own_engine.dispose()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from app.errors import InvalidRequest
+from app.errors import CreditLimitExceeded, InvalidRequest
 from app.http.keys import CATALOG, FORWARDER, PIPELINE, SETTINGS
 from app.http.request_context import request_id
 from app.identity.authenticate import authenticate
+from app.identity.principal import Principal
+from app.ledger.holds import max_cost_micros
+from app.payments.setup import PAYMENTS, resource_url, x402_caller
 from app.proxy.chat_request import parse_chat_request
 from app.proxy.pipeline import ChatCall
 from app.proxy.routing import plan_routes
@@ -18,9 +21,15 @@ PROVIDER_HEADER = "X-Tollgate-Provider"
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
+    payments = request.app.get(PAYMENTS)
     # Credentials first: an anonymous caller gets 401 before we read megabytes of body.
-    # The identity stage later reuses the principal cached on the request.
-    await authenticate(request)
+    # The identity stage later reuses the principal cached on the request. With x402
+    # on, a request without a session may carry a payment instead, or be asked for one.
+    principal: Principal | None
+    if payments is None or hdrs.AUTHORIZATION in request.headers:
+        principal = await authenticate(request)
+    else:
+        principal = await x402_caller(request)
     raw = await request.read()
     try:
         body = orjson.loads(raw)
@@ -32,7 +41,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body, max_messages=settings.max_messages, max_n=settings.max_n)
     plan = plan_routes(request.app[CATALOG], chat)
     call = ChatCall(request_id(request), request, chat, plan)
-    await request.app[PIPELINE].admit(call)
+    if principal is None:
+        assert payments is not None
+        raise payments.ask(
+            "payment required: pay with x402 (or authorize a wallet session)",
+            max_cost_micros(call, settings.commission_bps), resource_url(request))
+    try:
+        await request.app[PIPELINE].admit(call)
+    except CreditLimitExceeded as refusal:
+        if payments is None:
+            raise
+        raise payments.ask_for(refusal, resource_url(request)) from None
     forwarder = request.app[FORWARDER]
     if chat.stream:
         return await forwarder.stream(call, request, _stream_response)

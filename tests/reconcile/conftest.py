@@ -1,0 +1,3 @@
+from tests.reconcile.world import ledger_template, world
+
+__all__ = ["ledger_template", "world"]
