@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     account_factories: Annotated[tuple[str, ...], NoDecode] = ()
     # The operator's key: sends settlement transactions. Never logged.
     operator_private_key: SecretStr | None = None
-    # Blocks after the one that holds a settlement before it counts as confirmed.
+    # How deep a settlement transaction must be before it counts (1: mined in a block).
     chain_confirmations: int = Field(default=1, ge=0, le=1000)
     chain_call_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # How long a session key's on-chain policy is trusted before it is read again: a key

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.settlement.tables import vouchers
-from app.storage.tables import accounts, payments, settlements, usage_records
+from app.storage.tables import accounts, payments, settlements, usage_records, vouchers
 
 PENDING = "pending"
 CONFIRMED = "confirmed"

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.chain.signatures import recover_eoa
 from app.errors import InvalidRequest
-from app.settlement.tables import vouchers
+from app.storage.tables import vouchers
 
 DOMAIN_NAME = "TollgateSettlement"
 DOMAIN_VERSION = "1"

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -214,4 +215,34 @@ settlements = Table(
     # One collection in flight per account, enforced by Postgres, not by a worker's memory.
     Index("uq_settlements_one_pending_per_account", "account_id", unique=True,
           postgresql_where=text("status = 'pending'")),
+)
+
+
+# The best signed voucher each session key gave Tollgate: its EIP-712 ``DebitVoucher``
+# ("up to ``cumulative_micros`` in total may be collected from this account under my
+# key, until ``deadline``"). It only means something in the domain of the settlement
+# contract it was signed for, so the contract is part of the key. A row is replaced
+# only by a voucher that is not lower (``app.settlement.vouchers``).
+# 0x + 65 bytes (r, s, v) in hex.
+SIGNATURE_HEX = String(132)
+
+vouchers = Table(
+    "vouchers",
+    metadata,
+    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
+    Column("session_key", ADDRESS, nullable=False),
+    # The settlement contract whose EIP-712 domain the voucher was signed in.
+    Column("settlement", ADDRESS, nullable=False),
+    Column("chain_id", BigInteger, nullable=False),
+    # The voucher's cumulativeAmount: USDC base units = micro-USD.
+    Column("cumulative_micros", BigInteger, nullable=False),
+    # The voucher's deadline (the contract's block.timestamp <= deadline), whole seconds.
+    Column("deadline", DateTime(timezone=True), nullable=False),
+    # r || s || v with v in {27, 28}: exactly what the contract's ECDSA accepts.
+    Column("signature", SIGNATURE_HEX, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # When the stored voucher last changed: a failed account is retried only with a newer one.
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("account_id", "session_key", "settlement", name="pk_vouchers"),
+    CheckConstraint("cumulative_micros > 0", name="cumulative_positive"),
 )

@@ -1,4 +1,4 @@
-"""Migration 0005 creates exactly the vouchers table that ``app.settlement.tables`` declares,
+"""Migration 0005 creates exactly the vouchers table that ``app.storage.tables`` declares,
 and goes down and up again."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.settlement.tables import vouchers
 from app.storage.database import alembic_config, create_engine, migrate
-from app.storage.tables import metadata
+from app.storage.tables import metadata, vouchers
 from tests.ledger.test_migration import scratch_url
 
 __all__ = ["scratch_url"]  # the fixture, reused

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.chain.contracts import bind_contract
 from app.config.catalog import Catalog
 from app.http.app import Backends
-from app.settlement.tables import vouchers
+from app.storage.tables import vouchers
 from tests.conftest import DevChain, RunningTollgate, make_settings, start_tollgate
 from tests.identity.conftest import assert_error
 from tests.identity.smart_accounts import SmartAccounts
