@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import Hash32
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 
@@ -45,6 +46,7 @@ from app.devstack.dev_chain import (
     DevChainLocation,
     find_dev_chain,
 )
+from app.settlement.vouchers import VoucherDomain
 
 WALLET_FILE = "dev-wallet.json"
 SESSION_KEY_FILE = "dev-session-key.json"
@@ -61,6 +63,10 @@ SMART_ACCOUNT_USDC_UNITS = 100 * USDC
 # The session key's policy: what Tollgate's settlement may pull per period, for how long.
 SMART_ACCOUNT_SALT = 0
 SESSION_CAP_PER_PERIOD_UNITS = 50 * USDC
+# The dev voucher: Tollgate may collect up to this much in all under the session key
+# (the key's policy still caps each day); valid for as long as the key.
+VOUCHER_CUMULATIVE_UNITS = 1000 * USDC
+VOUCHER_LIFETIME_S = 29 * 86_400
 SESSION_PERIOD_S = 24 * 3600
 SESSION_KEY_VALIDITY_S = 30 * 24 * 3600
 # A key that expires within a session's lifetime is granted again, so no token outlives it.
@@ -183,7 +189,28 @@ async def run_dev_wallet(base_url: str, state_dir: Path) -> DevSession:
         base_url, session_key, smart_account=chain.smart_account,
         session_key=session_key.address, chain_id=location.deployment.chain_id,
     )
+    await give_voucher(base_url, token, session_key, chain.smart_account, location)
     return DevSession(wallet, session_key, chain_id, token, expires_at, account_id, chain)
+
+
+async def give_voucher(base_url: str, token: str, session_key: LocalAccount,
+                       smart_account: str, location: DevChainLocation) -> None:
+    """Let Tollgate collect the account's debt: the session key signs a cumulative voucher
+    (the policy still caps each day, the balance caps the rest) and posts it."""
+    deployment = location.deployment
+    domain = VoucherDomain(deployment.chain_id, deployment.settlement, deployment.token)
+    deadline_s = int(time.time()) + VOUCHER_LIFETIME_S
+    digest = domain.digest(smart_account, VOUCHER_CUMULATIVE_UNITS, deadline_s)
+    signature = session_key.unsafe_sign_hash(Hash32(digest)).signature
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http, \
+            http.post(f"{base_url}/v1/vouchers", json={
+                "cumulativeAmount": str(VOUCHER_CUMULATIVE_UNITS), "deadline": deadline_s,
+                "signature": "0x" + bytes(signature).hex()}) as response:
+        if response.status >= 400:
+            body = await response.json(content_type=None)
+            # A higher voucher from an earlier run is already stored: nothing to give.
+            if body.get("error", {}).get("code") != "voucher_not_increasing":
+                raise RuntimeError(f"POST /v1/vouchers failed ({response.status}): {body}")
 
 
 async def create_session(base_url: str, wallet: LocalAccount) -> DevSession:

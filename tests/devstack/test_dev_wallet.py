@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import cast
 
 import aiohttp
+from sqlalchemy import select
 
 from app.chain.contracts import bind_contract
 from app.devstack.dev_wallet import describe, run_dev_wallet
+from app.storage.database import create_engine
+from app.storage.tables import vouchers
 from tests.conftest import RunningTollgate
 from tests.devstack.conftest import ChainState
 
@@ -62,7 +65,7 @@ def test_dev_wallet_explains_an_unreachable_server(tmp_path: Path) -> None:
 
 
 async def test_dev_wallet_on_a_dev_chain_is_funded_and_signs_with_its_session_key(
-    chain_state: ChainState, chain_tollgate: RunningTollgate
+    chain_state: ChainState, chain_tollgate: RunningTollgate, postgres_url: str
 ) -> None:
     first = await dev_wallet(chain_tollgate.url, chain_state.state_dir)
     client, deployment = chain_state.client, chain_state.chain.deployment
@@ -105,6 +108,18 @@ async def test_dev_wallet_on_a_dev_chain_is_funded_and_signs_with_its_session_ke
         body = await response.json()
     assert body["smart_account"].lower() == smart_account.lower()
     assert body["chain_id"] == 31337
+
+    # The session key gave Tollgate a voucher, so the operator can collect on its own.
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.connect() as connection:
+            stored = (await connection.execute(
+                select(vouchers.c.cumulative_micros, vouchers.c.settlement)
+                .where(vouchers.c.session_key == session_key.lower()))).all()
+    finally:
+        await engine.dispose()
+    assert [(row.cumulative_micros, row.settlement) for row in stored] == [
+        (1000 * USDC, deployment.settlement.lower())]
 
 
 async def test_dev_wallet_text_names_every_key_as_dev_chain_only(
