@@ -34,7 +34,7 @@ from x402.schemas import SettleResponse
 
 from app.chain.client import ChainClient
 from app.chain.errors import ChainError, TransactionReverted
-from app.chain.signatures import verify_signature
+from app.chain.signatures import ERC6492_SUFFIX, verify_signature
 from app.errors import CreditLimitExceeded, PaymentRequired, ServiceUnavailable
 from app.payments import ledger
 from app.payments.assets import PaymentAsset
@@ -113,6 +113,14 @@ class PaymentService:
     async def verify(self, proof: PaymentProof, min_amount_micros: int) -> None:
         """Terms and signature, or a 402 naming what is wrong (the caller adds the ask)."""
         check_proof(proof, Asked(self.asset, self.pay_to, min_amount_micros), int(time.time()))
+        if proof.signature.endswith(ERC6492_SUFFIX):
+            # The signature would verify (we read ERC-6492), but USDC's
+            # transferWithAuthorization cannot deploy the account first, so settling it
+            # would fail after the payer was told yes.
+            raise PaymentRequired(
+                "payment refused: an undeployed smart account cannot pay by EIP-3009;"
+                " deploy it first (ERC-6492 signatures are accepted for sign-in only)",
+                code="payment_account_not_deployed")
         digest = authorization_digest(proof, self.asset)
         try:
             valid = await verify_signature(self.client, proof.payer, digest, proof.signature,

@@ -4,6 +4,8 @@ taken, and ``PAYMENTS`` for the chat route's 402 answers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,6 +22,7 @@ from app.ledger.holds import max_cost_micros
 from app.payments import ledger
 from app.payments.assets import read_payment_asset
 from app.payments.proof import read_payment_proof
+from app.payments.recovery import run_forever
 from app.payments.service import PaymentService
 from app.payments.settle import FacilitatorSettler, OnchainSettler, Settler, payment_reference
 from app.proxy.pipeline import ChatCall, Stage
@@ -65,7 +68,11 @@ def setup_payments(app: web.Application, chain: ChainConfig | None) -> Stage | N
         app[PAYMENTS] = service
         stage.service = service
         stage.commission_bps = settings.commission_bps
+        resumer = asyncio.ensure_future(run_forever(service))
         yield
+        resumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resumer
         if session is not None:
             await session.close()
 

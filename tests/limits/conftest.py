@@ -15,9 +15,12 @@ from app.limits.limiter import Limiter, OnRedisError
 from app.limits.token_buckets import TokenBuckets
 
 # Enough connections for the concurrency tests; a blocking pool queues the rest
-# instead of failing them, as a production pool under load should.
-TEST_POOL_CONNECTIONS = 64
-POOL_WAIT_S = 5.0
+# instead of failing them, as a production pool under load should. Kept small: a burst
+# of fresh connections to the embedded Redis 6.2 now and then loses a handshake answer
+# until redis-py's 5 s socket timeout (seen after tests/ledger/test_billing.py; not yet
+# understood, see the session note), and these tests are about the script, not that.
+TEST_POOL_CONNECTIONS = 16
+POOL_WAIT_S = 10.0
 
 
 def roomy_client(url: str) -> redis.Redis:

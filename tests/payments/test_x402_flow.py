@@ -176,6 +176,8 @@ def retouched(header: str, change: Any) -> str:
     (lambda d: d["accepted"].update(network="eip155:8453"), 402, "network must be"),
     (lambda d: d["accepted"].update(asset="0x" + "55" * 20), 402, "asset must be"),
     (lambda d: d["accepted"].update(payTo="0x" + "66" * 20), 402, "payTo must be"),
+    (lambda d: d["payload"].update(signature=d["payload"]["signature"] + "6492" * 16), 402,
+     "undeployed smart account"),
     (lambda d: d.update(payload=[]), 400, "invalid_payment"),
 ])
 async def test_unacceptable_payments_get_the_right_status_and_reason(
