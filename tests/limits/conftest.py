@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app.limits.limiter import Limiter, OnRedisError
 from app.limits.token_buckets import TokenBuckets
@@ -24,8 +26,11 @@ POOL_WAIT_S = 10.0
 
 
 def roomy_client(url: str) -> redis.Redis:
+    # A handshake that stalls (see TEST_POOL_CONNECTIONS) times out after 1 s and the
+    # connection is made again, instead of failing the test on an unrelated stall.
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=TEST_POOL_CONNECTIONS, timeout=POOL_WAIT_S
+        url, max_connections=TEST_POOL_CONNECTIONS, timeout=POOL_WAIT_S,
+        socket_timeout=1.0, retry_on_timeout=True, retry=Retry(NoBackoff(), 3),
     )
     return redis.Redis(connection_pool=pool)
 
