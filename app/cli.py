@@ -102,6 +102,8 @@ def _dev_wallet(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
+    import aiohttp
+
     from app.chain.errors import ChainError
     from app.devstack.dev_wallet import describe, run_dev_wallet
 
@@ -117,6 +119,11 @@ def _dev_wallet(args: argparse.Namespace) -> int:
         return 1
     except RuntimeError as error:
         print(f"tollgate dev-wallet: {error}", file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError) as error:
+        # Something answered, but not as Tollgate does (another service on that port).
+        print(f"tollgate dev-wallet: the server at {url} does not answer as Tollgate does"
+              f" ({type(error).__name__}: {error})", file=sys.stderr)
         return 1
     if args.token:
         print(session.token)

@@ -18,7 +18,7 @@ from app.chain.contracts import bind_contract
 from app.devstack.dev_wallet import describe, run_dev_wallet
 from app.storage.database import create_engine
 from app.storage.tables import vouchers
-from tests.conftest import RunningTollgate
+from tests.conftest import MockUpstream, RunningTollgate
 from tests.devstack.conftest import ChainState
 
 USDC = 10**6
@@ -51,6 +51,19 @@ async def test_dev_wallet_token_works_and_the_wallet_is_reused(
         json={"model": "test-model", "messages": [{"role": "user", "content": "hi"}]},
     ) as response:
         assert response.status == 200
+
+
+def test_dev_wallet_explains_a_server_that_is_not_tollgate(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "dev-wallet", "--url", mock_upstream.root,
+         "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "does not answer as Tollgate does" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_dev_wallet_explains_an_unreachable_server(tmp_path: Path) -> None:
