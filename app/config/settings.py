@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     # (docker-compose's anvil service). Ignored when TOLLGATE_CHAIN_RPC_URL is set.
     dev_chain_rpc_url: str | None = None
 
+    # Automatic settlement from smart accounts: collect when an account owes this much,
+    # or when some of its debt is this old (and at least the minimum); every interval.
+    settlement_threshold_micros: int = Field(default=1_000_000, ge=1)
+    settlement_max_age_s: int = Field(default=86_400, ge=0)
+    settlement_minimum_micros: int = Field(default=10_000, ge=1)
+    settlement_interval_s: float = Field(default=60.0, gt=0, le=86_400)
+
     # x402 payments. With a facilitator URL, payments are verified and settled through
     # it (/verify, /settle); without one, on chain by the operator key through the
     # settlement contract.
@@ -201,6 +208,9 @@ class Settings(BaseSettings):
             raise ValueError("TOLLGATE_JWT_PRIVATE_KEY_PEM is required with ES256")
         if not self.chain_ids:
             raise ValueError("TOLLGATE_CHAIN_IDS: at least one chain id")
+        if self.settlement_minimum_micros > self.settlement_threshold_micros:
+            raise ValueError("TOLLGATE_SETTLEMENT_MINIMUM_MICROS must not exceed"
+                             " TOLLGATE_SETTLEMENT_THRESHOLD_MICROS")
         if self.chain_rpc_url is not None:
             missing = [setting_env_name(name) for name in
                        ("chain_id", "token_address", "settlement_address")

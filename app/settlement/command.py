@@ -25,7 +25,13 @@ from app.chain.operator import OperatorWallet
 from app.config.settings import Settings
 from app.settlement.contract import SettlementContract
 from app.settlement.vouchers import VoucherDomain, VoucherStore
-from app.settlement.worker import DEFAULT_POLICY, PassReport, SettlementPolicy, SettlementWorker
+from app.settlement.worker import (
+    DEFAULT_POLICY,
+    PassReport,
+    SettlementPolicy,
+    SettlementWorker,
+    policy_from_settings,
+)
 from app.storage.database import create_engine, pending_migrations
 
 EXIT_OK = 0
@@ -46,7 +52,8 @@ def run_settle(settings: Settings) -> int:
               " TOLLGATE_OPERATOR_PRIVATE_KEY", file=sys.stderr)
         return EXIT_NOT_CONFIGURED
     try:
-        report = asyncio.run(settle_once(settings.database_url.get_secret_value(), chain))
+        report = asyncio.run(settle_once(settings.database_url.get_secret_value(), chain,
+                                         policy_from_settings(settings)))
     except NotReady as error:
         print(f"tollgate settle: {error}", file=sys.stderr)
         return EXIT_NOT_CONFIGURED

@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from app.chain.config import ChainConfig
-from app.http.keys import CHAIN, DATABASE, OPERATOR
+from app.http.keys import CHAIN, DATABASE, OPERATOR, SETTINGS
 from app.settlement.contract import SettlementContract
 from app.settlement.loop import SettlementLoop
 from app.settlement.routes import VOUCHERS, add_routes
 from app.settlement.vouchers import VoucherDomain, VoucherStore
-from app.settlement.worker import SettlementWorker
+from app.settlement.worker import SettlementWorker, policy_from_settings
 
 SETTLEMENT_LOOP = web.AppKey("settlement_loop", SettlementLoop)
 
@@ -56,10 +56,12 @@ def _worker(chain: ChainConfig) -> Callable[[web.Application], AsyncIterator[Non
         client = app[CHAIN]
         # The process's one operator wallet: x402 settlements send from it too, and two
         # wallets of one key would take the same nonces.
+        settings = app[SETTINGS]
         worker = SettlementWorker(
             app[DATABASE], SettlementContract(client, chain.settlement), app[OPERATOR],
-            app[VOUCHERS], confirmations=chain.confirmations)
-        loop = SettlementLoop(worker)
+            app[VOUCHERS], confirmations=chain.confirmations,
+            policy=policy_from_settings(settings))
+        loop = SettlementLoop(worker, interval_s=settings.settlement_interval_s)
         app[SETTLEMENT_LOOP] = loop
         loop.start()
         yield

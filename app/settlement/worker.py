@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.chain.errors import ChainError, ConfirmationTimeout, TransactionReverted
 from app.chain.operator import OperatorWallet
+from app.config.settings import Settings
 from app.settlement.contract import (
     METHOD_SESSION_DEBIT,
     ChainHead,
@@ -104,6 +105,12 @@ class SettlementPolicy:
 
 
 DEFAULT_POLICY = SettlementPolicy()
+
+
+def policy_from_settings(settings: Settings) -> SettlementPolicy:
+    return SettlementPolicy(threshold_micros=settings.settlement_threshold_micros,
+                            age_s=settings.settlement_max_age_s,
+                            minimum_micros=settings.settlement_minimum_micros)
 
 
 class Outcome(enum.Enum):

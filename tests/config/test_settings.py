@@ -44,3 +44,15 @@ def test_bad_setting_is_named(
         load_settings()
     assert named in str(error.value)
     assert "secret" not in str(error.value)
+
+
+def test_settlement_policy_comes_from_the_settings() -> None:
+    from app.settlement.worker import policy_from_settings
+
+    policy = policy_from_settings(load_settings(settlement_threshold_micros=2_000_000,
+                                                settlement_max_age_s=3600,
+                                                settlement_minimum_micros=5_000))
+    assert (policy.threshold_micros, policy.age_s, policy.minimum_micros) == (
+        2_000_000, 3600, 5_000)
+    with pytest.raises(SettingsError, match="TOLLGATE_SETTLEMENT_MINIMUM_MICROS"):
+        load_settings(settlement_threshold_micros=10, settlement_minimum_micros=11)
