@@ -3,9 +3,10 @@
 A hold is a TigerBeetle pending transfer. It is taken by one statement that also
 applies the balance rule (``app.ledger.balance``): the account row is updated
 only if ``balance + open holds + max cost <= credit limit``, and the hold row is
-inserted only if that update happened. Postgres locks the row for the update and
-re-checks the condition against the latest committed totals, so however many
-processes admit at once, the sum of their holds never passes the limit.
+inserted only if that update happened. The statement locks the account row and
+checks the rule against its latest committed totals, so however many processes
+admit at once, the sum of their holds never passes the limit. Concurrent
+requests share that statement (group commit, ``HoldTaker``).
 
 A hold resolves exactly once: the call's usage record is written and the hold
 deleted in one statement (``app.ledger.recorder``), or the hold is released when
@@ -36,11 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.ledger import driver
+from app.errors import ServiceUnavailable
 from app.ledger.balance import ADMITS_SQL
+from app.ledger.connection import WriterConnection
+from app.ledger.group_commit import GroupCommitter
 from app.ledger.money import cost_ceiling_micros
 from app.proxy.pipeline import ChatCall, estimate_tokens
 from app.proxy.routing import Candidate
@@ -54,28 +58,132 @@ TOKENS_PER_MESSAGE = 4
 # statement timeout, with backoff) and queueing for it, with room to spare.
 HOLD_SETTLE_MARGIN_S = 120
 
-# The admission, in one statement and one round trip ($1 account, $2 amount,
-# $3 request id, $4 lifetime in seconds). ``existing`` makes it idempotent by request
-# id: a retry after a lost answer finds its own hold instead of taking a second one.
-# The outer query reads the snapshot taken before the statement, so it sees a hold
-# committed by an earlier attempt but not the one inserted here.
-TAKE_HOLD = f"""
-WITH existing AS (
-    SELECT amount_micros FROM {holds.name} WHERE request_id = $3
+# Requests taking holds: beyond this many waiting, new ones wait for room.
+MAX_QUEUED_HOLDS = 10_000
+# Holds per statement: one statement locks every account it admits on.
+MAX_BATCH_HOLDS = 500
+TAKE_ATTEMPTS = 2
+TAKE_RETRY_DELAY_S = 0.05
+
+# The admission of a batch, in one statement and one round trip ($1 request ids,
+# $2 accounts, $3 amounts, $4 lifetimes in seconds; position = arrival order).
+# ``existing`` makes it idempotent by request id: a retry after a lost answer finds
+# its own hold instead of taking a second one (the outer query reads the snapshot
+# taken before the statement, so it sees a hold committed by an earlier attempt but
+# not the ones inserted here). ``locked`` locks the batch's accounts in id order (so
+# two writers never deadlock) and reads their latest committed totals. Within an
+# account, requests are admitted in arrival order while the running sum of their
+# amounts fits the balance rule: the first that does not fit, and every later one
+# of that account in the batch, is refused (the stage retries a refusal alone).
+TAKE_HOLDS = f"""
+WITH request AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[])
+        WITH ORDINALITY AS r(request_id, account_id, amount, lifetime_s, position)
+), existing AS (
+    SELECT request_id FROM {holds.name} WHERE request_id = ANY($1::text[])
+), locked AS (
+    SELECT id, usage_micros, paid_micros, held_micros, credit_limit_micros,
+           settlement_failed_at
+    FROM {accounts.name}
+    WHERE id IN (SELECT account_id FROM request)
+    ORDER BY id
+    FOR UPDATE
+), queued AS (
+    SELECT request.*,
+           sum(amount) OVER (PARTITION BY account_id ORDER BY position) AS running
+    FROM request
+    WHERE request_id NOT IN (SELECT request_id FROM existing)
 ), admitted AS (
-    UPDATE {accounts.name}
-    SET held_micros = held_micros + $2
-    WHERE id = $1
-      AND NOT EXISTS (SELECT FROM existing)
-      AND {ADMITS_SQL.format(cost="$2")}
-    RETURNING id
+    SELECT queued.* FROM queued JOIN locked ON locked.id = queued.account_id
+    WHERE {ADMITS_SQL.format(cost="queued.running")}
+), totals AS (
+    UPDATE {accounts.name} AS account
+    SET held_micros = account.held_micros + sums.amount
+    FROM (SELECT account_id, sum(amount)::bigint AS amount FROM admitted
+          GROUP BY account_id) AS sums
+    WHERE account.id = sums.account_id
+    RETURNING account.id
 ), taken AS (
     INSERT INTO {holds.name} (request_id, account_id, amount_micros, expires_at)
-    SELECT $3, id, $2, now() + $4::integer * interval '1 second' FROM admitted
+    SELECT request_id, account_id, amount, now() + lifetime_s * interval '1 second'
+    FROM admitted
     RETURNING request_id
 )
-SELECT (SELECT count(*) FROM taken) + (SELECT count(*) FROM existing) AS held
+SELECT request_id FROM taken
+UNION ALL
+SELECT request_id FROM existing
 """
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """Reserve ``amount_micros`` on an account for one request, for ``lifetime_s``."""
+
+    request_id: str
+    account_id: int
+    amount_micros: int
+    lifetime_s: int
+
+    def __post_init__(self) -> None:
+        assert self.amount_micros >= 0 and self.lifetime_s > 0
+
+
+class HoldTaker:
+    """The process's single writer of holds, with group commit.
+
+    The holds connection commits asynchronously (``synchronous_commit=off``): the
+    statement returns, and the account row's lock is released, without waiting
+    for the disk. That is safe for a hold. Postgres's log is written in order, so
+    the durable commit of the request's usage record later flushes the hold with
+    it; a hold lost in a database crash was only a reservation for a call whose
+    record (written after the restart) then finds no hold to resolve, which the
+    recorder accepts.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.connection = WriterConnection(engine, name="holds", synchronous_commit=False)
+        self.writer: GroupCommitter[HoldRequest, bool] = GroupCommitter(
+            "holds", self._write_batch, _unavailable, max_batch=MAX_BATCH_HOLDS,
+            max_queued=MAX_QUEUED_HOLDS, attempts=TAKE_ATTEMPTS,
+            retry_delay_s=TAKE_RETRY_DELAY_S,
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.connection.close()
+
+    async def take(self, request: HoldRequest) -> bool:
+        """Reserve the amount if the balance rule admits it.
+
+        False: refused, nothing changed. True: the hold exists (taken now, or by an
+        earlier attempt with the same request id). Raises ``ServiceUnavailable``
+        when the database could not answer.
+        """
+        return await self.writer.submit(request)
+
+    async def _write_batch(self, batch: Sequence[HoldRequest]) -> list[bool]:
+        unique: dict[str, HoldRequest] = {}
+        for request in batch:
+            unique.setdefault(request.request_id, request)
+        requests = list(unique.values())
+        rows = await self.connection.fetch(
+            TAKE_HOLDS,
+            [request.request_id for request in requests],
+            [request.account_id for request in requests],
+            [request.amount_micros for request in requests],
+            [request.lifetime_s for request in requests],
+        )
+        held = {row["request_id"] for row in rows}
+        assert len(held) == len(rows), "one hold per request id"
+        return [request.request_id in held for request in batch]
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("the ledger is unavailable; the request was not forwarded",
+                              code="ledger_unavailable")
 
 
 def max_prompt_tokens(call: ChatCall) -> int:
@@ -100,20 +208,3 @@ def hold_lifetime_s(plan: Sequence[Candidate]) -> int:
     """Longer than the call can take: every route's total timeout, plus settling."""
     routes_s = sum(candidate.route.provider.total_timeout_s for candidate in plan)
     return math.ceil(routes_s) + HOLD_SETTLE_MARGIN_S
-
-
-async def take_hold(
-    engine: AsyncEngine, *, account_id: int, request_id: str, amount_micros: int,
-    lifetime_s: int,
-) -> bool:
-    """Reserve ``amount_micros`` for the request if the balance rule admits it.
-
-    False: refused, nothing changed. True: the hold exists (taken now, or by an
-    earlier attempt with the same request id).
-    """
-    assert amount_micros >= 0 and lifetime_s > 0
-    rows = await driver.fetch(engine, TAKE_HOLD, account_id, amount_micros, request_id,
-                              lifetime_s)
-    held = int(rows[0]["held"])
-    assert held in (0, 1), "one hold per request id"
-    return held == 1

@@ -4,12 +4,9 @@ Every call that was admitted resolves its hold here: a completed call writes one
 usage record, deletes its hold and moves the amounts on its account (usage up by
 the record's total, held down by the hold's amount) in one transaction; a call
 that produced nothing only releases its hold. That write is on every request, so
-concurrent requests share transactions: one writer task takes everything queued
-while the previous transaction was committing, writes it as one statement (a
-multi-row INSERT, a DELETE of the holds, one UPDATE of the accounts), commits
-once, and wakes each request with its own result. Under load a batch grows with
-the commit latency; alone, a request waits for exactly one commit. No timer
-delays anyone.
+concurrent requests share transactions (``app.ledger.group_commit``): one
+statement per batch (a multi-row INSERT, a DELETE of the holds, one UPDATE of
+the accounts), committed durably before any request of the batch is answered.
 
 The request id is unique in ``usage_records``; a record whose id is already
 there is skipped and adds nothing to the usage, so a retried write never
@@ -19,16 +16,16 @@ a hold released twice (a retry, the expiry sweep) is subtracted once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailable
-from app.ledger import driver
+from app.ledger.connection import WriterConnection
+from app.ledger.group_commit import GroupCommitter
 from app.storage.tables import accounts, holds, usage_records
 
 log = logging.getLogger(__name__)
@@ -64,7 +61,7 @@ _RELEASES = f"${len(RECORD_COLUMNS) + 1}::text[]"
 # recorded ones and those released without a record), and move exactly the inserted
 # totals and the deleted holds on the accounts. A statement is atomic, so records,
 # holds and totals move together. An account is updated once per statement, so its
-# changes are summed first. It runs on the driver (``app.ledger.driver``).
+# changes are summed first. It runs on the recorder's own connection.
 WRITE_BATCH = f"""
 WITH inserted AS (
     INSERT INTO {usage_records.name} ({_NAMES})
@@ -153,131 +150,74 @@ class UsageRecorder:
     """The process's single writer of usage records and hold resolutions."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.queue: asyncio.Queue[tuple[Write, asyncio.Future[Written]]] = asyncio.Queue(
-            MAX_QUEUED_RECORDS
+        self.connection = WriterConnection(engine, name="recorder")
+        self.writer: GroupCommitter[Write, Written] = GroupCommitter(
+            "usage", self._write_batch, _unavailable, max_batch=MAX_BATCH_RECORDS,
+            max_queued=MAX_QUEUED_RECORDS, attempts=WRITE_ATTEMPTS,
+            retry_delay_s=WRITE_RETRY_DELAY_S,
         )
-        self.task: asyncio.Task[None] | None = None
-        self.batches_written = 0
         self.records_written = 0
 
+    @property
+    def batches_written(self) -> int:
+        return self.writer.batches_written
+
     def start(self) -> None:
-        assert self.task is None, "started twice"
-        self.task = asyncio.ensure_future(self._run())
+        self.writer.start()
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
-        if self.task is None:
-            return
-        await self.queue.join()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        self.task = None
+        await self.writer.stop()
+        await self.connection.close()
 
     async def record(self, entry: UsageEntry) -> Written:
         """Write one record, release its request's hold, and wait for the commit.
 
         Raises ``ServiceUnavailable`` when the database could not take it.
         """
-        return await self._write_one(entry)
+        return await self.writer.submit(entry)
 
     async def release(self, request_id: str) -> Written:
         """Release the hold of a request that produced nothing, and wait for the commit."""
-        return await self._write_one(HoldRelease(request_id))
+        return await self.writer.submit(HoldRelease(request_id))
 
     def release_soon(self, request_id: str) -> None:
         """Queue a release nobody waits for (an admission interrupted by cancellation).
 
         When the queue is full the hold is left to expire.
         """
-        assert self.task is not None, "the recorder is not running"
-        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-        # Nobody awaits it: read its failure here so it is not reported as lost.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        try:
-            self.queue.put_nowait((HoldRelease(request_id), future))
-        except asyncio.QueueFull:
+        if not self.writer.submit_nowait(HoldRelease(request_id)):
             log.warning("hold of request %s left to expire: the ledger queue is full",
                         request_id)
 
-    async def _write_one(self, write: Write) -> Written:
-        assert self.task is not None, "the recorder is not running"
-        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-        await self.queue.put((write, future))
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < MAX_BATCH_RECORDS and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                await self._write_with_retries(batch)
-            except Exception:
-                # The writer must outlive any failure: if it died, every request
-                # after it would wait forever for a commit that never comes.
-                log.exception("usage writer failed a batch")
-                _fail(batch)
-            finally:
-                for _ in batch:
-                    self.queue.task_done()
-
-    async def _write_with_retries(
-        self, batch: list[tuple[Write, asyncio.Future[Written]]]
-    ) -> None:
-        entries = _unique(write for write, _ in batch if isinstance(write, UsageEntry))
-        releases = sorted({write.request_id for write, _ in batch})
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                inserted, released = await self._write(entries, releases)
-                break
-            except Exception as error:
-                # asyncpg raises more than PostgresError and InterfaceError on a
-                # broken connection (InternalClientError, for one): any failure is
-                # retried on a fresh connection, and the last one answers 503.
-                log.error("usage write failed (attempt %d/%d): %s: %s", attempt,
-                          WRITE_ATTEMPTS, type(error).__name__, error)
-                if attempt == WRITE_ATTEMPTS:
-                    _fail(batch)
-                    return
-                await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
-        self.batches_written += 1
-        self.records_written += len(inserted)
-        for write, future in batch:
-            if not future.done():
-                recorded = isinstance(write, UsageEntry) and write.request_id in inserted
-                future.set_result(Written(recorded, released.pop(write.request_id, None)))
-                # Only the first of two queued duplicates counts as inserted.
-                inserted.discard(write.request_id)
-
-    async def _write(
-        self, entries: list[UsageEntry], releases: list[str]
-    ) -> tuple[set[str], dict[str, int]]:
-        """One transaction: insert new records, delete holds, move the accounts' totals.
-
-        Returns the request ids inserted, and the amount of each hold deleted.
-        """
+    async def _write_batch(self, batch: Sequence[Write]) -> list[Written]:
+        """One transaction: insert new records, delete holds, move the accounts' totals."""
+        entries = _unique(write for write in batch if isinstance(write, UsageEntry))
+        releases = sorted({write.request_id for write in batch})
         # Postgres does not promise the UPDATE locks accounts in input order, so two
         # processes writing the same accounts can deadlock; Postgres then aborts one
-        # transaction, which is retried above with nothing written.
+        # transaction, which is retried with nothing written.
         rows = sorted(entries, key=lambda entry: entry.account_id)
         arrays = [[getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS]
-        result = await driver.fetch(self.engine, WRITE_BATCH, *arrays, releases)
+        result = await self.connection.fetch(WRITE_BATCH, *arrays, releases)
         inserted = {row["request_id"] for row in result if row["released_micros"] is None}
         released = {row["request_id"]: int(row["released_micros"]) for row in result
                     if row["released_micros"] is not None}
-        return inserted, released
+        self.records_written += len(inserted)
+        written = []
+        for write in batch:
+            recorded = isinstance(write, UsageEntry) and write.request_id in inserted
+            written.append(Written(recorded, released.pop(write.request_id, None)))
+            # Only the first of two queued duplicates counts as inserted.
+            inserted.discard(write.request_id)
+        return written
 
 
-def _fail(batch: list[tuple[Write, asyncio.Future[Written]]]) -> None:
-    failure = ServiceUnavailable(
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
         "the usage ledger is unavailable; the request was not billed",
         code="ledger_unavailable",
     )
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(failure)
 
 
 def _unique(entries: Any) -> list[UsageEntry]:

@@ -3,7 +3,9 @@
     money.py      the unit (micro-USD), the rounding rules, pricing a usage
     balance.py    the balance rule: usage - paid + holds + max cost <= credit limit
     holds.py      a call's maximum cost and hold lifetime; the admission statement
-    recorder.py   group commit: usage records written and holds resolved together
+    recorder.py   usage records written and holds resolved together
+    group_commit.py  one writer task per kind of write, one statement per batch
+    connection.py the writers' own connections
     expiry.py     the periodic release of holds left by crashed processes
     stage.py      the pipeline stage: hold at admit, record or release at settle
     driver.py     running the hot statements on the asyncpg driver
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from app.http.keys import DATABASE, METRICS, SETTINGS
 from app.ledger.expiry import HoldSweeper
+from app.ledger.holds import HoldTaker
 from app.ledger.recorder import UsageRecorder
 from app.ledger.stage import LedgerStage
 from app.proxy.pipeline import Stage
@@ -36,14 +39,18 @@ def setup_ledger(app: web.Application) -> Stage:
         engine = app[DATABASE]
         recorder = UsageRecorder(engine)
         recorder.start()
+        holds = HoldTaker(engine)
+        holds.start()
         sweeper = HoldSweeper(engine)
         sweeper.start()
         app[RECORDER] = recorder
         app[SWEEPER] = sweeper
         stage.engine = engine
+        stage.holds = holds
         stage.recorder = recorder
         yield
         await sweeper.stop()
+        await holds.stop()
         # Shutdown waits for in-flight settlements first (on_shutdown), so the queue
         # holds everything that will ever be written.
         await recorder.stop()

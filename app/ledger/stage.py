@@ -11,7 +11,6 @@ its holds to expire (``app.ledger.expiry``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,7 +19,7 @@ from app.config.settings import Settings
 from app.errors import ApiError, ServiceUnavailable
 from app.http.metrics import Metrics
 from app.ledger.balance import AccountBalance, read_balance
-from app.ledger.holds import hold_lifetime_s, max_cost_micros, take_hold
+from app.ledger.holds import HoldRequest, HoldTaker, hold_lifetime_s, max_cost_micros
 from app.ledger.money import COST_UNIT, Cost, price_usage
 from app.ledger.recorder import UsageEntry, UsageRecorder, Written
 from app.proxy.pipeline import ChatCall
@@ -30,9 +29,6 @@ log = logging.getLogger(__name__)
 # A refused hold is checked against a fresh read of the account; when holds released
 # in between make it fit after all, the hold is tried again, this many times in all.
 ADMIT_ATTEMPTS = 3
-# The hold statement is idempotent by request id, so a failure (a pooled connection
-# found dead) is retried once on a fresh connection.
-TAKE_ATTEMPTS = 2
 
 
 def _ms(seconds: float | None) -> int | None:
@@ -54,6 +50,7 @@ class LedgerStage:
         self.metrics = metrics
         # Set at startup.
         self.engine: AsyncEngine | None = None
+        self.holds: HoldTaker | None = None
         self.recorder: UsageRecorder | None = None
 
     async def admit(self, call: ChatCall) -> None:
@@ -121,23 +118,16 @@ class LedgerStage:
 
     async def _take(self, call: ChatCall, account_id: int, amount: int, lifetime_s: int
                     ) -> bool:
-        assert self.engine is not None and self.recorder is not None, "used before startup"
-        for attempt in range(1, TAKE_ATTEMPTS + 1):
-            try:
-                return await take_hold(self.engine, account_id=account_id,
-                                       request_id=call.request_id, amount_micros=amount,
-                                       lifetime_s=lifetime_s)
-            except asyncio.CancelledError:
-                # The statement may have committed: release whatever it took.
-                self.recorder.release_soon(call.request_id)
-                raise
-            except AssertionError:
-                raise  # A broken invariant is a bug, never retried as an outage.
-            except Exception as error:
-                log.error("taking a hold failed (attempt %d/%d): %s: %s", attempt,
-                          TAKE_ATTEMPTS, type(error).__name__, error)
-        self.recorder.release_soon(call.request_id)
-        raise _unavailable()
+        assert self.holds is not None and self.recorder is not None, "used before startup"
+        request = HoldRequest(call.request_id, account_id, amount, lifetime_s)
+        try:
+            # The hold writer retries a failed batch itself; its last failure is a 503.
+            return await self.holds.take(request)
+        except BaseException:
+            # The statement may have committed (a cancellation, an answer lost after
+            # the commit): release whatever it took.
+            self.recorder.release_soon(call.request_id)
+            raise
 
     async def _balance(self, account_id: int) -> AccountBalance:
         assert self.engine is not None, "ledger used before startup"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -82,8 +83,10 @@ class Forwarder:
     async def complete(self, call: ChatCall) -> dict[str, Any]:
         """Forward a non-streaming call; return the rewritten answer after the pipeline settled."""
         outcome = call.outcome
+        started_s = time.perf_counter()
         try:
             document = await self._first_answer(call)
+            call.timed("upstream", started_s)
         except BaseException as error:
             outcome.error = error if isinstance(error, ApiError) else None
             outcome.finish("cancelled" if isinstance(error, asyncio.CancelledError) else "error",
@@ -145,8 +148,10 @@ class Forwarder:
         outcome.streamed = True
         relay: _OpenStream | None = None
         response: web.StreamResponse | None = None
+        started_s = time.perf_counter()
         try:
             relay = await self._first_event(call)
+            call.timed("upstream", started_s)
             response = make_response(call)
             await response.prepare(http_request)
             await self._relay(call, relay, response)

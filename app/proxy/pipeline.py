@@ -161,6 +161,15 @@ class ChatCall:
     notes: dict[str, object] = field(default_factory=dict)
     admitted: list[Stage] = field(default_factory=list)
     settled: bool = False
+    # Seconds spent in each step, in order, for the ``Server-Timing`` header.
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+    def timed(self, name: str, started_s: float) -> None:
+        self.timings.append((name, time.perf_counter() - started_s))
+
+    def server_timing(self) -> str:
+        """The ``Server-Timing`` header value: each step's duration in milliseconds."""
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.timings)
 
 
 def estimated_max_tokens(call: ChatCall) -> int:
@@ -197,7 +206,9 @@ class Pipeline:
         """Run every stage's admission; a refusal settles the stages already passed."""
         try:
             for stage in self.stages:
+                started_s = time.perf_counter()
                 await stage.admit(call)
+                call.timed(stage.name, started_s)
                 call.admitted.append(stage)
         except BaseException as error:
             call.outcome.error = error if isinstance(error, ApiError) else None
@@ -218,10 +229,12 @@ class Pipeline:
         assert call.outcome.finished_s is not None, "settle needs a finished outcome"
         refusal: ApiError | None = None
         for stage in reversed(call.admitted):
+            started_s = time.perf_counter()
             try:
                 await stage.settle(call)
             except ApiError as error:
                 refusal = refusal or error
+            call.timed(f"{stage.name}-settle", started_s)
         if refusal is not None:
             raise refusal
 

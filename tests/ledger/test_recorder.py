@@ -101,13 +101,12 @@ async def test_a_connection_killed_under_the_recorder_is_replaced(postgres_url: 
     try:
         account = await make_account(own_engine)
         assert (await recorder.record(entry(account, total=11))).recorded is True
-        async with own_engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
-        async with create_engine(postgres_url).connect() as killer:
+        pid = (await recorder.connection.fetch("SELECT pg_backend_pid()"))[0][0]
+        async with own_engine.connect() as killer:
             await killer.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
         assert (await recorder.record(entry(account, total=22))).recorded is True
         assert await usage_and_count(own_engine, account) == (33, 2)
+        assert (await recorder.connection.fetch("SELECT pg_backend_pid()"))[0][0] != pid
     finally:
         await recorder.stop()
         await own_engine.dispose()

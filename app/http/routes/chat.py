@@ -17,6 +17,8 @@ from app.proxy.pipeline import ChatCall
 from app.proxy.routing import plan_routes
 
 PROVIDER_HEADER = "X-Tollgate-Provider"
+# Where the time of a request went (W3C Server Timing): each stage, and the upstream.
+SERVER_TIMING_HEADER = "Server-Timing"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -60,6 +62,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     assert candidate is not None
     headers = {PROVIDER_HEADER: candidate.route.provider.name}
     headers.update(call.response_headers)
+    headers[SERVER_TIMING_HEADER] = call.server_timing()
     return web.Response(body=orjson.dumps(document), content_type="application/json",
                         headers=headers)
 
@@ -75,4 +78,5 @@ def _stream_response(call: ChatCall) -> web.StreamResponse:
         PROVIDER_HEADER: candidate.route.provider.name,
     }
     headers.update(call.response_headers)
+    headers[SERVER_TIMING_HEADER] = call.server_timing()
     return web.StreamResponse(headers=headers)
