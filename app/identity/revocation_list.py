@@ -19,6 +19,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from app.identity.session_store import RevokedSession
+from app.storage.redis_batch import RedisBatcher
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,15 @@ class RevocationList:
 
     def __init__(self, client: redis.Redis, *, leeway_s: int) -> None:
         self.client = client
+        # Reads of concurrent requests share round trips (app.storage.redis_batch).
+        self.batcher = RedisBatcher(client)
         self.leeway_s = leeway_s
         self._outage_logged_s = -OUTAGE_LOG_INTERVAL_S
 
     async def is_revoked(self, jti: str) -> bool | None:
         """True or False from Redis; None when Redis could not answer (ask Postgres)."""
         try:
-            value = await self.client.get(revoked_key(jti))
+            value = await self.batcher.execute("GET", revoked_key(jti))
         except REDIS_ERRORS as error:
             self._log_outage(error)
             return None

@@ -9,14 +9,16 @@ timeouts, server errors) become ``LimiterUnavailable`` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from app.limits.bucket_keys import hash_tag
+from app.storage.redis_batch import RedisBatcher
 
 SCRIPT_SOURCE = resources.files("app.limits").joinpath("token_bucket.lua").read_text("utf-8")
 MINUTE_MS = 60_000
@@ -104,8 +106,9 @@ class TokenBuckets:
     def __init__(self, client: redis.Redis, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.client = client
         self.call_timeout_s = call_timeout_s
-        # register_script sends EVALSHA and loads the script on NOSCRIPT by itself.
-        self._script = client.register_script(SCRIPT_SOURCE)
+        # Calls of concurrent requests share round trips (app.storage.redis_batch).
+        self.batcher = RedisBatcher(client)
+        self.script_sha = hashlib.sha1(SCRIPT_SOURCE.encode("utf-8")).hexdigest()
 
     async def acquire(self, buckets: Sequence[Bucket]) -> Verdict:
         """Debit every bucket's cost, or none of them if any lacks tokens."""
@@ -131,12 +134,22 @@ class TokenBuckets:
         arguments: list[str | int] = [operation]
         for bucket in buckets:
             arguments += [bucket.capacity_tokens, bucket.period_ms, bucket.amount_tokens]
+        keys = [bucket.key for bucket in buckets]
         try:
             async with asyncio.timeout(self.call_timeout_s):
-                reply = await self._script(keys=[b.key for b in buckets], args=arguments)
+                reply = await self._evalsha(keys, arguments)
         except (RedisError, OSError, TimeoutError) as error:
             raise LimiterUnavailable(f"{type(error).__name__}: {error}") from error
         return _parse_reply(reply, buckets)
+
+    async def _evalsha(self, keys: list[str], arguments: list[str | int]) -> object:
+        command = ("EVALSHA", self.script_sha, len(keys), *keys, *arguments)
+        try:
+            return await self.batcher.execute(*command)
+        except NoScriptError:
+            # A restarted (or flushed) Redis forgot the script: load it once, go on.
+            await self.client.script_load(SCRIPT_SOURCE)
+            return await self.batcher.execute(*command)
 
 
 def _parse_reply(reply: object, buckets: Sequence[Bucket]) -> tuple[int, tuple[BucketState, ...]]:
