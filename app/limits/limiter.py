@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import Counter
 
 from app.errors import InvalidRequest, RateLimited, ServiceUnavailable
 from app.limits.headers import rate_limit_headers, retry_after_s
-from app.limits.token_buckets import Bucket, BucketState, LimiterUnavailable, TokenBuckets
+from app.limits.token_buckets import (
+    Bucket,
+    BucketState,
+    LimiterUnavailable,
+    TokenBuckets,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,12 @@ class Admission:
     requests: BucketState
     tokens: BucketState | None
     headers: dict[str, str]
+
+    def has_room_for_another(self, tokens: int) -> bool:
+        """Would another call like this one be admitted now?"""
+        if self.requests.remaining_tokens < 1:
+            return False
+        return self.tokens is None or self.tokens.remaining_tokens >= tokens
 
 
 class ThrottledWarning:
@@ -87,14 +99,27 @@ class Limiter:
 
     async def acquire(self, requests: Limit, tokens: Limit | None = None) -> Admission | None:
         """Debit every limit at once or raise; None when Redis is down and we fail open."""
+        return await self.start_acquire(requests, tokens)
+
+    def start_acquire(
+        self, requests: Limit, tokens: Limit | None = None
+    ) -> Coroutine[Any, Any, Admission | None]:
+        """``acquire``, sent now: the coroutine (which must be awaited) gives the answer."""
         limits = (requests,) if tokens is None else (requests, tokens)
+        verdict = self._buckets().start_acquire([limit.bucket for limit in limits])
+        return self._decide(verdict, limits)
+
+    async def _decide(
+        self, pending: Coroutine[Any, Any, Verdict], limits: tuple[Limit, ...]
+    ) -> Admission | None:
         try:
-            verdict = await self._buckets().acquire([limit.bucket for limit in limits])
+            verdict = await pending
         except LimiterUnavailable as error:
             self._unavailable(error)
             return None
         states = verdict.states
-        headers = rate_limit_headers(states[0], states[1] if tokens is not None else None)
+        tokens = states[1] if len(limits) == 2 else None
+        headers = rate_limit_headers(states[0], tokens)
         if verdict.cost_exceeds_capacity:
             raise _too_large(limits, states, headers)
         if not verdict.admitted:
@@ -103,7 +128,7 @@ class Limiter:
             for limit, _ in short:
                 self._refusals.labels(limit.label).inc()
             raise _rate_limited(short, verdict.retry_after_ms, headers)
-        return Admission(states[0], states[1] if tokens is not None else None, headers)
+        return Admission(states[0], tokens, headers)
 
     async def adjust(self, bucket: Bucket) -> None:
         """Correct a bucket after the fact. Never raises: a lost correction only errs by

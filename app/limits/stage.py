@@ -1,7 +1,11 @@
 """The pipeline stage that applies an account's request and token limits to chat calls.
 
 ``admit`` debits one request and the most tokens the call can use (prompt
-estimate plus output ceiling) from the account's two buckets in one step.
+estimate plus output ceiling) from the account's two buckets in one step. When
+the account's last verdict in this process left room, the verdict is deferred
+(``ChatCall.defer``): the ledger takes its hold during the Redis round trip, and
+a refusal releases it. After a refusal, admission waits for the verdict first,
+so a client hammering its limit never makes the ledger write.
 ``settle`` gives back what the call did not use, or takes what it used beyond
 the estimate, once the real usage is known: nothing produced counts as 0.
 
@@ -14,16 +18,20 @@ without a principal cannot reach this stage.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 from app.identity.principal import Principal
 from app.limits.bucket_keys import account_request_key, account_token_key
 from app.limits.headers import publish_headers
-from app.limits.limiter import Limit, Limiter
+from app.limits.limiter import Admission, Limit, Limiter
 from app.limits.token_buckets import Bucket
 from app.proxy.pipeline import ChatCall, estimated_max_tokens
 
 STAGE_NAME = "limits"
+# Accounts whose last verdict is remembered (for overlapping admission), at most.
+HAD_ROOM_ACCOUNTS_MAX = 100_000
 REQUESTS_LABEL = "account_requests"
 TOKENS_LABEL = "account_tokens"
 
@@ -41,17 +49,44 @@ class LimitsStage:
         # way to Redis, the next requests' corrections pile up and go as one command.
         self._pending: dict[str, Bucket] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # Per account: did its last verdict here leave room for another call like it?
+        self._had_room: dict[int, bool] = {}
 
     async def admit(self, call: ChatCall) -> None:
         if call.principal is None:
             return
         requests, tokens = self.limits(call.principal, estimated_max_tokens(call))
-        admission = await self.limiter.acquire(requests, tokens)
+        answer = self._confirm(call, self.limiter.start_acquire(requests, tokens), tokens)
+        if self._had_room.get(call.principal.account_id, False):
+            # The account had room a moment ago: the ledger takes its hold while the
+            # verdict is on its way, and a refusal now releases that hold.
+            call.defer(self.name, answer)
+        else:
+            # Refused (or unknown) before: no hold is taken for a call that may be
+            # refused, so a client hammering its limit costs the ledger nothing.
+            await answer
+
+    async def _confirm(
+        self, call: ChatCall, answer: Coroutine[Any, Any, Admission | None], tokens: Limit
+    ) -> None:
+        assert call.principal is not None
+        account_id = call.principal.account_id
+        try:
+            admission = await answer
+        except BaseException:
+            self._remember(account_id, False)
+            raise
         if admission is None:
             return  # Redis is down and the operator chose to fail open: nothing was debited.
+        self._remember(account_id, admission.has_room_for_another(tokens.bucket.amount_tokens))
         call.notes[self.name] = tokens.bucket
         call.response_headers.update(admission.headers)
         publish_headers(call.http, admission.headers)
+
+    def _remember(self, account_id: int, had_room: bool) -> None:
+        if len(self._had_room) >= HAD_ROOM_ACCOUNTS_MAX and account_id not in self._had_room:
+            self._had_room.clear()  # Simple bound: forgetting only costs one overlap.
+        self._had_room[account_id] = had_room
 
     async def settle(self, call: ChatCall) -> None:
         debit = call.notes.get(self.name)

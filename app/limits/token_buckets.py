@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
@@ -112,44 +113,57 @@ class TokenBuckets:
 
     async def acquire(self, buckets: Sequence[Bucket]) -> Verdict:
         """Debit every bucket's cost, or none of them if any lacks tokens."""
+        return await self.start_acquire(buckets)
+
+    def start_acquire(self, buckets: Sequence[Bucket]) -> Coroutine[Any, Any, Verdict]:
+        """Send the acquire now (in the next pipeline); the coroutine waits for the verdict.
+
+        The caller must await it: the command is on its way whether or not it does.
+        """
         assert all(bucket.amount_tokens >= 0 for bucket in buckets), "a cost is never negative"
-        status, states = await self._run("acquire", buckets)
+        command = self._command("acquire", buckets)
+        return self._verdict(self.batcher.submit(*command), command, buckets)
+
+    async def adjust(self, buckets: Sequence[Bucket]) -> tuple[BucketState, ...]:
+        """Add each bucket's signed amount; levels stay within [-capacity, capacity]."""
+        command = self._command("adjust", buckets)
+        status, states = await self._reply(self.batcher.submit(*command), command, buckets)
+        assert status == _ADMITTED and not any(state.lacking for state in states)
+        return states
+
+    async def _verdict(
+        self, sent: asyncio.Future[Any], command: tuple[Any, ...], buckets: Sequence[Bucket]
+    ) -> Verdict:
+        status, states = await self._reply(sent, command, buckets)
         verdict = Verdict(status == _ADMITTED, states)
         assert verdict.admitted == (not any(state.lacking for state in states))
         assert (status == _TOO_LARGE) == verdict.cost_exceeds_capacity
         return verdict
 
-    async def adjust(self, buckets: Sequence[Bucket]) -> tuple[BucketState, ...]:
-        """Add each bucket's signed amount; levels stay within [-capacity, capacity]."""
-        status, states = await self._run("adjust", buckets)
-        assert status == _ADMITTED and not any(state.lacking for state in states)
-        return states
-
-    async def _run(
-        self, operation: str, buckets: Sequence[Bucket]
-    ) -> tuple[int, tuple[BucketState, ...]]:
+    def _command(self, operation: str, buckets: Sequence[Bucket]) -> tuple[Any, ...]:
         assert buckets, "a call touches at least one bucket"
         # One slot for all keys: the script is one atomic step on Redis Cluster too.
         assert len({hash_tag(bucket.key) for bucket in buckets}) == 1, "keys span hash slots"
         arguments: list[str | int] = [operation]
         for bucket in buckets:
             arguments += [bucket.capacity_tokens, bucket.period_ms, bucket.amount_tokens]
-        keys = [bucket.key for bucket in buckets]
+        return ("EVALSHA", self.script_sha, len(buckets),
+                *(bucket.key for bucket in buckets), *arguments)
+
+    async def _reply(
+        self, sent: asyncio.Future[Any], command: tuple[Any, ...], buckets: Sequence[Bucket]
+    ) -> tuple[int, tuple[BucketState, ...]]:
         try:
             async with asyncio.timeout(self.call_timeout_s):
-                reply = await self._evalsha(keys, arguments)
+                try:
+                    reply = await sent
+                except NoScriptError:
+                    # A restarted (or flushed) Redis forgot the script: load it, go on.
+                    await self.client.script_load(SCRIPT_SOURCE)
+                    reply = await self.batcher.execute(*command)
         except (RedisError, OSError, TimeoutError) as error:
             raise LimiterUnavailable(f"{type(error).__name__}: {error}") from error
         return _parse_reply(reply, buckets)
-
-    async def _evalsha(self, keys: list[str], arguments: list[str | int]) -> object:
-        command = ("EVALSHA", self.script_sha, len(keys), *keys, *arguments)
-        try:
-            return await self.batcher.execute(*command)
-        except NoScriptError:
-            # A restarted (or flushed) Redis forgot the script: load it once, go on.
-            await self.client.script_load(SCRIPT_SOURCE)
-            return await self.batcher.execute(*command)
 
 
 def _parse_reply(reply: object, buckets: Sequence[Bucket]) -> tuple[int, tuple[BucketState, ...]]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -163,6 +163,16 @@ class ChatCall:
     settled: bool = False
     # Seconds spent in each step, in order, for the ``Server-Timing`` header.
     timings: list[tuple[str, float]] = field(default_factory=list)
+    # Admissions sent but not yet answered (``defer``), awaited after the last stage.
+    deferred: list[tuple[str, Coroutine[Any, Any, None]]] = field(default_factory=list)
+
+    def defer(self, stage: str, confirmation: Coroutine[Any, Any, None]) -> None:
+        """Let later stages admit while this stage's answer is on its way.
+
+        The pipeline awaits ``confirmation`` after the last stage admitted, in the
+        order deferred, and always awaits it, even when another stage refused.
+        """
+        self.deferred.append((stage, confirmation))
 
     def timed(self, name: str, started_s: float) -> None:
         self.timings.append((name, time.perf_counter() - started_s))
@@ -203,18 +213,49 @@ class Pipeline:
         self._settling: set[asyncio.Task[None]] = set()
 
     async def admit(self, call: ChatCall) -> None:
-        """Run every stage's admission; a refusal settles the stages already passed."""
+        """Run every stage's admission; a refusal settles the stages already passed.
+
+        Stages admit in order. One may ``defer`` its answer (the rate limiter, whose
+        Redis round trip then overlaps the ledger's Postgres one); deferred answers
+        are awaited last. A refusal is reported as if stages had answered in order:
+        a deferred stage's refusal wins over a later stage's.
+        """
         try:
             for stage in self.stages:
                 started_s = time.perf_counter()
                 await stage.admit(call)
                 call.timed(stage.name, started_s)
                 call.admitted.append(stage)
+            await self._confirm(call)
         except BaseException as error:
+            refusal = await self._confirm_quietly(call)
+            if refusal is not None and isinstance(error, ApiError):
+                error = refusal
             call.outcome.error = error if isinstance(error, ApiError) else None
             call.outcome.finish("error", call.chat.prompt_chars)
             await self.settle_shielded(call)
-            raise
+            raise error from None
+
+    async def _confirm(self, call: ChatCall) -> None:
+        while call.deferred:
+            name, confirmation = call.deferred.pop(0)
+            started_s = time.perf_counter()
+            await confirmation
+            call.timed(f"{name}-wait", started_s)
+
+    async def _confirm_quietly(self, call: ChatCall) -> ApiError | None:
+        """Await every deferred answer (so each stage knows what it holds before it
+        settles); return the first refusal among them."""
+        refusal: ApiError | None = None
+        while call.deferred:
+            _, confirmation = call.deferred.pop(0)
+            try:
+                await confirmation
+            except ApiError as error:
+                refusal = refusal or error
+            except Exception:
+                pass  # The error that stopped admission is the one reported.
+        return refusal
 
     async def settle(self, call: ChatCall) -> None:
         """Settle every admitted stage once. Safe to call again: later calls do nothing.

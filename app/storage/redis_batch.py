@@ -37,11 +37,18 @@ class RedisBatcher:
 
     async def execute(self, *command: Any) -> Any:
         """Run one command in the next pipeline; its reply, or its error raised here."""
+        return await self.submit(*command)
+
+    def submit(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command for the next pipeline now; the future holds its reply or error.
+
+        The caller must await the future (an unread error is logged by asyncio).
+        """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         if self._sender is None:
             self._sender = asyncio.ensure_future(self._send())
-        return await future
+        return future
 
     async def _send(self) -> None:
         try:

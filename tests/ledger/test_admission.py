@@ -22,6 +22,7 @@ from app.config.catalog import Catalog, build_catalog
 from app.http.app import Backends
 from app.http.keys import PIPELINE
 from app.ledger.audit import ledger_discrepancies
+from app.ledger.stage import LedgerStage
 from tests.conftest import (
     SECRET_PROVIDER_KEY,
     MockUpstream,
@@ -236,3 +237,42 @@ async def test_a_prepaying_payer_is_told_the_smallest_payment(
         "usage": COST_MICROS, "payments": HOLD_MICROS, "balance": COST_MICROS - HOLD_MICROS,
         "open_holds": 0, "credit_limit": 0, "available": HOLD_MICROS - COST_MICROS,
         "settlement_failed": False}
+
+
+def hold_writes(running: RunningTollgate) -> int:
+    """Holds this Tollgate has sent to Postgres so far (taken or refused)."""
+    (ledger,) = [stage for stage in running.app[PIPELINE].stages if stage.name == "ledger"]
+    assert isinstance(ledger, LedgerStage) and ledger.holds is not None
+    return ledger.holds.writer.writes_done
+
+
+async def test_a_client_hammering_its_rate_limit_costs_the_ledger_nothing(
+    tollgate: RunningTollgate, engine: AsyncEngine
+) -> None:
+    """Once refused, an account's next calls wait for the limiter before any hold."""
+    payer = await sign_in(tollgate.url)
+    await set_account(engine, payer.account_id, rate_limit_requests_per_min=3)
+    before = hold_writes(tollgate)
+    async with aiohttp.ClientSession() as http:
+        statuses = [(await post(http, tollgate.v1, payer, numbered(index)))[0]
+                    for index in range(8)]
+    assert statuses == [200] * 3 + [429] * 5
+    assert hold_writes(tollgate) - before == 3, "refused calls took no hold"
+    await assert_settled(engine, payer.account_id)
+
+
+async def test_a_rate_limit_refusal_after_the_hold_was_taken_releases_it(
+    tollgate: RunningTollgate, second_tollgate: RunningTollgate, engine: AsyncEngine
+) -> None:
+    """This process saw room, another spent it: the hold taken meanwhile is released."""
+    payer = await sign_in(tollgate.url)
+    await set_account(engine, payer.account_id, rate_limit_requests_per_min=2)
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, tollgate.v1, payer, numbered(0)))[0] == 200
+        assert (await post(http, second_tollgate.v1, payer, numbered(1)))[0] == 200
+        before = hold_writes(tollgate)
+        status, _, body = await post(http, tollgate.v1, payer, numbered(2))
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert hold_writes(tollgate) - before == 1, "the hold was taken during the limiter's trip"
+    row = await assert_settled(engine, payer.account_id)
+    assert row["usage_micros"] == 2 * COST_MICROS, "only the served calls were charged"

@@ -20,7 +20,7 @@ from app.limits.limiter import Limiter
 from app.limits.stage import LimitsStage
 from app.limits.token_buckets import CALL_TIMEOUT_S, Bucket
 from app.proxy.chat_request import ChatRequest
-from app.proxy.pipeline import ChatCall, Usage, estimated_max_tokens
+from app.proxy.pipeline import ChatCall, Pipeline, Usage, estimated_max_tokens
 from app.proxy.routing import Candidate
 from tests.limits.conftest import MISSING_SOCKET_URL, closed_tcp_url, make_limiter, roomy_client
 
@@ -57,6 +57,11 @@ def account(requests_per_min: int | None = None, tokens_per_min: int | None = No
     )
 
 
+async def admit(stage: LimitsStage, call: ChatCall) -> None:
+    """Admission as the pipeline runs it: a deferred verdict is awaited after the stages."""
+    await Pipeline([stage]).admit(call)
+
+
 def stage_for(limiter: Limiter) -> LimitsStage:
     return LimitsStage(limiter, requests_per_min=600, tokens_per_min=TOKENS_PER_MIN)
 
@@ -73,7 +78,7 @@ async def test_admission_debits_both_buckets_and_sets_the_headers(
     stage = stage_for(make_limiter(redis_client))
     principal = account()
     call = chat_call(principal)
-    await stage.admit(call)
+    await admit(stage, call)
     headers = call.response_headers
     assert headers["X-RateLimit-Limit"] == headers["x-ratelimit-limit-requests"] == "600"
     assert headers["X-RateLimit-Remaining"] == "599"
@@ -93,9 +98,9 @@ async def test_the_requests_limit_refuses_with_429_and_a_computed_retry_after(
     stage = stage_for(limiter)
     principal = account(requests_per_min=2)
     for _ in range(2):
-        await stage.admit(chat_call(principal))
+        await admit(stage, chat_call(principal))
     with pytest.raises(RateLimited) as refused:
-        await stage.admit(chat_call(principal))
+        await admit(stage, chat_call(principal))
     error = refused.value
     assert error.status == 429
     body = error.body()["error"]
@@ -116,10 +121,10 @@ async def test_the_tokens_limit_refuses_and_names_tokens(redis_client: redis.Red
     limiter = make_limiter(redis_client)
     stage = stage_for(limiter)
     principal = account(tokens_per_min=300)
-    await stage.admit(chat_call(principal))
+    await admit(stage, chat_call(principal))
     started_s = time.monotonic()
     with pytest.raises(RateLimited) as refused:
-        await stage.admit(chat_call(principal))
+        await admit(stage, chat_call(principal))
     assert "tokens per minute" in refused.value.message
     assert "requested 200" in refused.value.message
     # 100 left of 300: the missing 100 take 20 s at 300 per minute.
@@ -135,7 +140,7 @@ async def test_a_call_larger_than_the_tokens_limit_is_a_400(redis_client: redis.
     stage = stage_for(make_limiter(redis_client))
     principal = account(tokens_per_min=ESTIMATE_TOKENS - 1)
     with pytest.raises(InvalidRequest) as refused:
-        await stage.admit(chat_call(principal))
+        await admit(stage, chat_call(principal))
     assert refused.value.status == 400
     assert refused.value.code == "request_too_large_for_limit"
     assert refused.value.param == "max_tokens"
@@ -161,7 +166,7 @@ async def test_settle_corrects_the_tokens_bucket_to_the_real_usage(
     principal = account()
     call = chat_call(principal)
     started_s = time.monotonic()
-    await stage.admit(call)
+    await admit(stage, call)
     call.outcome.usage = usage
     await stage.settle(call)
     await stage.drain()
@@ -175,7 +180,7 @@ async def test_settle_corrects_the_tokens_bucket_to_the_real_usage(
 async def test_without_a_principal_no_account_limit_applies(redis_client: redis.Redis) -> None:
     stage = stage_for(make_limiter(redis_client))
     call = chat_call(None)
-    await stage.admit(call)
+    await admit(stage, call)
     assert call.response_headers == {}
     assert "limits" not in call.notes
     await stage.settle(call)
@@ -186,7 +191,7 @@ async def test_redis_down_fails_closed_with_503(redis_url: str) -> None:
         client = roomy_client(url)
         stage = stage_for(make_limiter(client, "closed"))
         with pytest.raises(ServiceUnavailable) as refused:
-            await stage.admit(chat_call(account()))
+            await admit(stage, chat_call(account()))
         assert refused.value.status == 503
         assert refused.value.code == "rate_limiter_unavailable"
         assert refused.value.headers["Retry-After"] == "1"
@@ -201,7 +206,7 @@ async def test_redis_down_fails_open_without_headers_and_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="app.limits.limiter"):
         for _ in range(5):
             call = chat_call(account())
-            await stage.admit(call)
+            await admit(stage, call)
             assert call.response_headers == {}
             assert "limits" not in call.notes, "nothing debited, nothing to correct"
             call.outcome.finish("ok", PROMPT_CHARS)
@@ -215,7 +220,7 @@ async def test_a_lost_correction_is_logged_not_raised(
     redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     call = chat_call(account())
-    await stage_for(make_limiter(redis_client)).admit(call)
+    await admit(stage_for(make_limiter(redis_client)), call)
     dead = roomy_client(closed_tcp_url())
     with caplog.at_level(logging.WARNING, logger="app.limits.limiter"):
         stage = stage_for(make_limiter(dead))
@@ -235,9 +240,9 @@ async def test_a_silent_redis_costs_at_most_the_call_timeout(
     started_s = time.monotonic()
     if on_redis_error == "closed":
         with pytest.raises(ServiceUnavailable):
-            await stage.admit(call)
+            await admit(stage, call)
     else:
-        await stage.admit(call)
+        await admit(stage, call)
     assert time.monotonic() - started_s < CALL_TIMEOUT_S + 0.5
     await client.aclose()
 
@@ -259,7 +264,7 @@ async def test_corrections_of_many_calls_are_coalesced_and_exact(
     calls = [chat_call(principal) for _ in range(10)]
     started_s = time.monotonic()
     for call in calls:
-        await stage.admit(call)
+        await admit(stage, call)
     for call in calls:
         call.outcome.usage = Usage(prompt_tokens=20, completion_tokens=10)
         await stage.settle(call)

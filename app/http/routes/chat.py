@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 from aiohttp import hdrs, web
 
@@ -27,11 +29,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # Credentials first: an anonymous caller gets 401 before we read megabytes of body.
     # The identity stage later reuses the principal cached on the request. With x402
     # on, a request without a session may carry a payment instead, or be asked for one.
+    started_s = time.perf_counter()
     principal: Principal | None
     if payments is None or hdrs.AUTHORIZATION in request.headers:
         principal = await authenticate(request)
     else:
         principal = await x402_caller(request)
+    authenticated_s = time.perf_counter()
     raw = await request.read()
     try:
         body = orjson.loads(raw)
@@ -43,6 +47,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body, max_messages=settings.max_messages, max_n=settings.max_n)
     plan = plan_routes(request.app[CATALOG], chat)
     call = ChatCall(request_id(request), request, chat, plan)
+    call.timings += [("auth", authenticated_s - started_s),
+                     ("parse", time.perf_counter() - authenticated_s)]
     if principal is None:
         assert payments is not None
         raise payments.ask(
