@@ -25,6 +25,8 @@ from app.identity.principal import Principal
 from app.proxy.chat_request import ChatRequest
 from app.proxy.routing import Candidate
 
+# Steps shorter than this are not worth a Server-Timing entry.
+SERVER_TIMING_MIN_S = 10e-6
 # Until an upstream reports usage, a token is estimated as four characters.
 CHARS_PER_TOKEN_ESTIMATE = 4
 
@@ -178,8 +180,12 @@ class ChatCall:
         self.timings.append((name, time.perf_counter() - started_s))
 
     def server_timing(self) -> str:
-        """The ``Server-Timing`` header value: each step's duration in milliseconds."""
-        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.timings)
+        """The ``Server-Timing`` header value: each step's duration in milliseconds.
+
+        Steps under 10 µs (stages with nothing to do for this call) are left out.
+        """
+        return ", ".join([f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.timings
+                          if seconds >= SERVER_TIMING_MIN_S])
 
 
 def estimated_max_tokens(call: ChatCall) -> int:
@@ -269,13 +275,13 @@ class Pipeline:
         call.settled = True
         assert call.outcome.finished_s is not None, "settle needs a finished outcome"
         refusal: ApiError | None = None
+        started_s = time.perf_counter()
         for stage in reversed(call.admitted):
-            started_s = time.perf_counter()
             try:
                 await stage.settle(call)
             except ApiError as error:
                 refusal = refusal or error
-            call.timed(f"{stage.name}-settle", started_s)
+        call.timed("settle", started_s)
         if refusal is not None:
             raise refusal
 

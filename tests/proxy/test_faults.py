@@ -107,6 +107,27 @@ async def test_timeout_falls_back(http: aiohttp.ClientSession, tollgate: Running
     assert headers["X-Tollgate-Provider"] == "mock"
 
 
+async def test_server_timing_says_where_the_time_went(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate
+) -> None:
+    """The slow route's 0.3 s first-byte timeout is spent upstream, not in our stages."""
+    status, headers, _ = await post(
+        http, tollgate, {"model": "timeout-fallback-model", "messages": HELLO}
+    )
+    assert status == 200
+    steps = dict(part.split(";dur=") for part in headers["Server-Timing"].split(", "))
+    assert {"auth", "parse", "upstream", "settle"} <= set(steps), steps
+    assert float(steps["upstream"]) >= 300.0
+    assert all(float(ms) < 300.0 for name, ms in steps.items() if name != "upstream")
+
+    status, headers, _ = await post(
+        http, tollgate, {"model": "timeout-fallback-model", "messages": HELLO, "stream": True}
+    )
+    assert status == 200
+    steps = dict(part.split(";dur=") for part in headers["Server-Timing"].split(", "))
+    assert float(steps["upstream"]) >= 300.0, "a stream's header says how long to its first event"
+
+
 async def test_cut_before_response_falls_back_but_cut_mid_stream_reports_in_stream(
     http: aiohttp.ClientSession, tollgate: RunningTollgate
 ) -> None:
