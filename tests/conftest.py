@@ -13,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from eth_account import Account
@@ -44,6 +46,33 @@ SECRET_PROVIDER_KEY = "sk-test-SECRETKEYSHOULDNEVERLEAK"
 PROCESS_START_TIMEOUT_S = 30
 # Every test app signs session tokens with this key, so a token from one works on all.
 TEST_JWT_SECRET = "5e55104e" * 8
+
+
+# Every test closes the OpenAI clients it makes. One left to the garbage collector is
+# worse than a leak: openai's __del__ schedules its aclose() as a task, but the same
+# collection has already closed its sockets (an asyncio transport closes its own in
+# __del__). When that task runs, it unregisters from the event loop whatever socket has
+# reused those fd numbers in between, typically a Redis connection of a burst: its reply
+# sits in the kernel unread until its socket timeout.
+_openai_clients: weakref.WeakSet[openai.AsyncOpenAI] = weakref.WeakSet()
+_openai_client_init = openai.AsyncOpenAI.__init__
+
+
+def _tracked_openai_client_init(self: openai.AsyncOpenAI, *args: Any, **kwargs: Any) -> None:
+    _openai_client_init(self, *args, **kwargs)
+    _openai_clients.add(self)
+
+
+openai.AsyncOpenAI.__init__ = _tracked_openai_client_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def openai_clients_closed() -> Iterator[None]:
+    _openai_clients.clear()
+    yield
+    left_open = [client for client in _openai_clients if not client.is_closed()]
+    _openai_clients.clear()
+    assert not left_open, f"{len(left_open)} OpenAI client(s) left open: close them in the test"
 
 
 @pytest.fixture(scope="session")

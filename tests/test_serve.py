@@ -120,6 +120,7 @@ async def test_embedded_defaults_drain_and_reuse(state_dir: Path) -> None:
         process.send_signal(signal.SIGTERM)
         rest = [chunk async for chunk in stream]
         assert rest[-1].choices[0].finish_reason == "stop"
+        await client.close()
         assert process.wait(60) == 0
     finally:
         if process.poll() is None:
@@ -142,6 +143,7 @@ async def test_embedded_defaults_drain_and_reuse(state_dir: Path) -> None:
         again = await client.chat.completions.create(
             model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
         assert again.choices[0].message.content, "the session survives a restart"
+        await client.close()
     finally:
         assert stop(process) == 0
     stderr = process.stderr.read() if process.stderr else ""

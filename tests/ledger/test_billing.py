@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,10 +41,12 @@ class Account:
 
 
 @pytest.fixture
-async def account(tollgate: RunningTollgate) -> Account:
+async def account(tollgate: RunningTollgate) -> AsyncIterator[Account]:
     async with aiohttp.ClientSession() as http:
         session = await authorize(http, tollgate.url)
-    return Account(tollgate, session["token"])
+    account = Account(tollgate, session["token"])
+    async with account.sdk:  # closed here, never by the garbage collector (tests/conftest.py)
+        yield account
 
 
 def expected_cost(prompt: int, completion: int, cached: int = 0) -> tuple[int, int]:
@@ -150,7 +153,8 @@ async def test_one_account_never_reads_another(
 ) -> None:
     async with aiohttp.ClientSession() as http:
         other = Account(tollgate, (await authorize(http, tollgate.url))["token"])
-    await other.sdk.chat.completions.create(model="test-model", messages=HELLO)
+    async with other.sdk:
+        await other.sdk.chat.completions.create(model="test-model", messages=HELLO)
     await account.sdk.chat.completions.create(model="test-model", messages=HELLO)
     mine, theirs = await account.usage(), await other.usage()
     assert len(mine) == 1 and len(theirs) == 1

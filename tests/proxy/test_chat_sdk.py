@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -14,8 +15,12 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture
-def client(tollgate: RunningTollgate, session_token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=tollgate.v1, api_key=session_token, max_retries=0)
+async def client(tollgate: RunningTollgate, session_token: str
+                 ) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=tollgate.v1, api_key=session_token, max_retries=0
+    ) as client:
+        yield client
 
 
 async def test_non_streaming_completion(client: openai.AsyncOpenAI) -> None:
