@@ -2,7 +2,8 @@
 
 Authenticating a request costs: one local JWT verification, one Redis GET (is
 the session revoked?), and the session's account row from a 2 s in-process
-cache (Postgres on a miss). When Redis cannot answer, Postgres decides.
+cache (Postgres on a miss; a row over 1 s old is reloaded in the background).
+When Redis cannot answer, Postgres decides.
 
 A session that depends on a session key's on-chain policy (``session_key_bound``:
 opened on a deployed TollgateAccount) also needs that policy to be live, judged
@@ -14,6 +15,7 @@ token never outlives the policy: ``exp`` is clamped to the policy's ``validUntil
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -83,6 +85,8 @@ class Sessions:
         self.verifier = verifier
         # None: no chain, so no session can depend on a session-key policy here.
         self.policies = policies
+        # Background reloads of aging cache rows, one per session at a time.
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def authorize(self, authorization: Authorization, signature: bytes) -> IssuedSession:
         """Check, verify, record, then sign: the token exists only for a committed session."""
@@ -113,7 +117,12 @@ class Sessions:
         if revoked:
             raise token_refused("the session was revoked", "token_revoked")
         # Without an answer from Redis the row is read fresh: Postgres is the truth.
-        row = self.cache.get(claims.jti) if revoked is not None else None
+        row = None
+        if revoked is not None:
+            cached = self.cache.lookup(claims.jti)
+            row = cached.row
+            if cached.refresh:
+                self._refresh_soon(claims.jti)
         if row is None:
             row = await self.store.load(claims.jti)
             if row is None:
@@ -136,6 +145,35 @@ class Sessions:
             rate_limit_requests_per_min=row.account.rate_limit_requests_per_min,
             rate_limit_tokens_per_min=row.account.rate_limit_tokens_per_min,
         )
+
+    def _refresh_soon(self, jti: str) -> None:
+        if jti not in self._refreshing:
+            self._refreshing[jti] = asyncio.ensure_future(self._refresh(jti))
+
+    async def _refresh(self, jti: str) -> None:
+        try:
+            row = await self.store.load(jti)
+        except Exception as error:  # The row still expires at its TTL.
+            log.debug("cached session row not reloaded: %s", error)
+        else:
+            if row is None:
+                self.cache.drop(jti)
+            else:
+                self.cache.put(row)
+        finally:
+            del self._refreshing[jti]
+
+    @property
+    def reloads(self) -> tuple[asyncio.Task[None], ...]:
+        """The background reloads of cached rows now running."""
+        return tuple(self._refreshing.values())
+
+    async def close(self) -> None:
+        """Stop background reloads (at shutdown)."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _require_live_session_key(self, claims: SessionClaims) -> None:
         """The session's key still lets Tollgate collect, or a 401 saying why not."""

@@ -60,6 +60,7 @@ def _sessions(chain: ChainConfig | None) -> Callable[[web.Application], AsyncIte
             policies=policies,
         )
         yield
+        await app[SESSIONS].close()
 
     return context
 

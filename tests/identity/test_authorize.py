@@ -13,7 +13,10 @@ import sqlalchemy as sa
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
+from app.errors import PermissionDenied
 from app.http.keys import DATABASE
+from app.identity.account_cache import CACHE_TTL_S, REFRESH_AFTER_S
+from app.identity.sessions import SESSIONS
 from app.storage.tables import accounts, authorization_nonces, sessions
 from tests.conftest import TEST_JWT_SECRET, RunningTollgate
 from tests.identity.conftest import assert_error
@@ -379,6 +382,42 @@ async def test_suspended_account_gets_no_session_and_its_tokens_stop(
         spent = await connection.scalar(sa.select(sa.func.count()).select_from(
             authorization_nonces).where(authorization_nonces.c.nonce == again["nonce"]))
     assert spent == 0, "a refused authorization rolls back, nonce included"
+
+
+async def test_a_cached_row_in_use_is_reloaded_in_the_background(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate
+) -> None:
+    """A row over REFRESH_AFTER_S old still serves, and its reload catches a suspension
+    before the TTL would have: steady callers never wait for Postgres."""
+    wallet = new_wallet()
+    body = message(wallet)
+    status, answer, _ = await post_authorization(http, tollgate.url, body,
+                                                 sign(wallet, body))
+    assert status == 201
+    identity = tollgate.app[SESSIONS]
+    now = [1000.0]
+    identity.cache.clock = lambda: now[0]
+    try:
+        await identity.authenticate(answer["token"])
+        account_id = int(answer["account"]["id"].removeprefix("acct_"))
+        async with tollgate.app[DATABASE].begin() as connection:
+            await connection.execute(sa.update(accounts).where(accounts.c.id == account_id)
+                                     .values(status="suspended"))
+        now[0] += REFRESH_AFTER_S / 2
+        await identity.authenticate(answer["token"])
+        assert identity.reloads == (), "a young row is not reloaded"
+        now[0] += REFRESH_AFTER_S
+        principal = await identity.authenticate(answer["token"])
+        assert principal.account_id == account_id, "the aging row still served this call"
+        reloads = identity.reloads
+        assert len(reloads) == 1
+        await asyncio.gather(*reloads)
+        with pytest.raises(PermissionDenied) as refused:
+            await identity.authenticate(answer["token"])
+        assert refused.value.code == "account_suspended"
+        assert now[0] - 1000.0 < CACHE_TTL_S, "refused before the first row would expire"
+    finally:
+        identity.cache.clock = time.monotonic
 
 
 async def test_schema_is_enough_to_sign(
