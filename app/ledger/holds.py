@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailable
-from app.ledger.balance import ADMITS_SQL
+from app.ledger.balance import ADMITS_SQL, EFFECTIVE_CREDIT_LIMIT_SQL
 from app.ledger.connection import WriterConnection
 from app.ledger.group_commit import GroupCommitter
 from app.ledger.money import cost_ceiling_micros
@@ -75,6 +75,8 @@ TAKE_RETRY_DELAY_S = 0.05
 # account, requests are admitted in arrival order while the running sum of their
 # amounts fits the balance rule: the first that does not fit, and every later one
 # of that account in the batch, is refused (the stage retries a refusal alone).
+# Each hold taken comes back with the account's room after it (what the balance rule
+# still admits once it and the batch's earlier holds on that account are counted).
 TAKE_HOLDS = f"""
 WITH request AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[])
@@ -94,7 +96,10 @@ WITH request AS (
     FROM request
     WHERE request_id NOT IN (SELECT request_id FROM existing)
 ), admitted AS (
-    SELECT queued.* FROM queued JOIN locked ON locked.id = queued.account_id
+    SELECT queued.*,
+           ({EFFECTIVE_CREDIT_LIMIT_SQL} - (usage_micros - paid_micros + held_micros
+                                            + queued.running))::bigint AS room
+    FROM queued JOIN locked ON locked.id = queued.account_id
     WHERE {ADMITS_SQL.format(cost="queued.running")}
 ), totals AS (
     UPDATE {accounts.name} AS account
@@ -109,10 +114,18 @@ WITH request AS (
     FROM admitted
     RETURNING request_id
 )
-SELECT request_id FROM taken
+SELECT request_id, room FROM taken JOIN admitted USING (request_id)
 UNION ALL
-SELECT request_id FROM existing
+SELECT request_id, NULL FROM existing
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A hold that exists, and the credit its account had left right after it was taken."""
+
+    # None when an earlier attempt with the same request id took the hold.
+    room_micros: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +155,7 @@ class HoldTaker:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.connection = WriterConnection(engine, name="holds", synchronous_commit=False)
-        self.writer: GroupCommitter[HoldRequest, bool] = GroupCommitter(
+        self.writer: GroupCommitter[HoldRequest, Taken | None] = GroupCommitter(
             "holds", self._write_batch, _unavailable, max_batch=MAX_BATCH_HOLDS,
             max_queued=MAX_QUEUED_HOLDS, attempts=TAKE_ATTEMPTS,
             retry_delay_s=TAKE_RETRY_DELAY_S,
@@ -155,16 +168,16 @@ class HoldTaker:
         await self.writer.stop()
         await self.connection.close()
 
-    async def take(self, request: HoldRequest) -> bool:
+    async def take(self, request: HoldRequest) -> Taken | None:
         """Reserve the amount if the balance rule admits it.
 
-        False: refused, nothing changed. True: the hold exists (taken now, or by an
-        earlier attempt with the same request id). Raises ``ServiceUnavailable``
+        None: refused, nothing changed. ``Taken``: the hold exists (taken now, or by
+        an earlier attempt with the same request id). Raises ``ServiceUnavailable``
         when the database could not answer.
         """
         return await self.writer.submit(request)
 
-    async def _write_batch(self, batch: Sequence[HoldRequest]) -> list[bool]:
+    async def _write_batch(self, batch: Sequence[HoldRequest]) -> list[Taken | None]:
         unique: dict[str, HoldRequest] = {}
         for request in batch:
             unique.setdefault(request.request_id, request)
@@ -176,9 +189,9 @@ class HoldTaker:
             [request.amount_micros for request in requests],
             [request.lifetime_s for request in requests],
         )
-        held = {row["request_id"] for row in rows}
+        held = {row["request_id"]: Taken(row["room"]) for row in rows}
         assert len(held) == len(rows), "one hold per request id"
-        return [request.request_id in held for request in batch]
+        return [held.get(request.request_id) for request in batch]
 
 
 def _unavailable() -> ServiceUnavailable:

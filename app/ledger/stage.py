@@ -1,16 +1,19 @@
 """The ledger stage: a hold before forwarding, a usage record (or a release) after.
 
 ``admit`` reserves the call's maximum cost on its account, atomically with the
-balance rule (``app.ledger.holds``), or refuses with 402. ``settle`` prices the
-outcome and writes its usage record, which resolves the hold in the same
-transaction (``app.ledger.recorder``); a call that produced nothing only
-releases its hold. Every admitted call settles exactly once (the pipeline's
+balance rule (``app.ledger.holds``), or refuses with 402. When the account's last
+hold here left room for this one, the hold is deferred (``ChatCall.defer``): it is
+taken while the upstream is asked, and nothing reaches the client before it is.
+``settle`` prices the outcome and writes its usage record, which resolves the
+hold in the same transaction (``app.ledger.recorder``); a call that produced
+nothing only releases its hold. Every admitted call settles exactly once (the pipeline's
 promise), so every hold is resolved once; a process that dies in between leaves
 its holds to expire (``app.ledger.expiry``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,7 +22,7 @@ from app.config.settings import Settings
 from app.errors import ApiError, ServiceUnavailable
 from app.http.metrics import Metrics
 from app.ledger.balance import AccountBalance, read_balance
-from app.ledger.holds import HoldRequest, HoldTaker, hold_lifetime_s, max_cost_micros
+from app.ledger.holds import HoldRequest, HoldTaker, Taken, hold_lifetime_s, max_cost_micros
 from app.ledger.money import COST_UNIT, Cost, price_usage
 from app.ledger.recorder import UsageEntry, UsageRecorder, Written
 from app.proxy.pipeline import ChatCall
@@ -29,6 +32,12 @@ log = logging.getLogger(__name__)
 # A refused hold is checked against a fresh read of the account; when holds released
 # in between make it fit after all, the hold is tried again, this many times in all.
 ADMIT_ATTEMPTS = 3
+# Accounts whose room is remembered (for overlapping admission), at most.
+ROOM_ACCOUNTS_MAX = 100_000
+
+
+async def _answer(taking: asyncio.Task[None]) -> None:
+    await taking
 
 
 def _ms(seconds: float | None) -> int | None:
@@ -52,23 +61,53 @@ class LedgerStage:
         self.engine: AsyncEngine | None = None
         self.holds: HoldTaker | None = None
         self.recorder: UsageRecorder | None = None
+        # Per account: the credit its last hold here left, less the holds admitted
+        # here since; known only while the last answer was a hold taken.
+        self._room: dict[int, int] = {}
 
     async def admit(self, call: ChatCall) -> None:
         principal = call.principal
         if principal is None:
             return  # Only before authentication exists; see app.limits.stage.
+        account_id = principal.account_id
         amount = max_cost_micros(call, self.commission_bps)
-        lifetime_s = hold_lifetime_s(call.plan)
+        hold = self._hold(call, account_id, amount, hold_lifetime_s(call.plan))
+        room = self._room.get(account_id)
+        if room is None or room < amount:
+            # Unknown, or refused or short last time: no upstream request is started
+            # for a call this account may not afford.
+            await hold
+            return
+        # The last hold left room for this one (less what calls admitted here since
+        # took): the hold is taken while the upstream is asked (Pipeline.overlap).
+        self._room[account_id] = room - amount
+        taking = asyncio.ensure_future(hold)
+        call.defer(self.name, _answer(taking))
+
+    async def _hold(self, call: ChatCall, account_id: int, amount: int, lifetime_s: int
+                    ) -> None:
+        """Take the call's hold or raise the 402, re-checking a refusal against a fresh read."""
         balance: AccountBalance | None = None
         for _ in range(ADMIT_ATTEMPTS):
-            if await self._take(call, principal.account_id, amount, lifetime_s):
+            taken = await self._take(call, account_id, amount, lifetime_s)
+            if taken is not None:
                 call.notes[self.name] = amount
+                self._remember(account_id, taken.room_micros)
                 return
-            balance = await self._balance(principal.account_id)
+            balance = await self._balance(account_id)
             if not balance.admits(amount):
                 break
+        self._remember(account_id, None)
         assert balance is not None
         raise balance.refusal(amount)
+
+    def _remember(self, account_id: int, room_micros: int | None) -> None:
+        if room_micros is None:
+            self._room.pop(account_id, None)
+            return
+        if len(self._room) >= ROOM_ACCOUNTS_MAX and account_id not in self._room:
+            self._room.clear()  # Simple bound: forgetting only costs one overlap.
+        self._room[account_id] = room_micros
 
     async def settle(self, call: ChatCall) -> None:
         hold = call.notes.get(self.name)
@@ -117,7 +156,7 @@ class LedgerStage:
         self.metrics.spent(candidate.model.id, cost.base_micros, cost.commission_micros)
 
     async def _take(self, call: ChatCall, account_id: int, amount: int, lifetime_s: int
-                    ) -> bool:
+                    ) -> Taken | None:
         assert self.holds is not None and self.recorder is not None, "used before startup"
         request = HoldRequest(call.request_id, account_id, amount, lifetime_s)
         try:

@@ -85,7 +85,8 @@ class Forwarder:
         outcome = call.outcome
         started_s = time.perf_counter()
         try:
-            document = await self._first_answer(call)
+            # Verdicts still on their way (Pipeline.overlap) arrive during the upstream call.
+            document = await self.pipeline.overlap(call, self._first_answer(call))
             call.timed("upstream", started_s)
         except BaseException as error:
             outcome.error = error if isinstance(error, ApiError) else None
@@ -150,7 +151,8 @@ class Forwarder:
         response: web.StreamResponse | None = None
         started_s = time.perf_counter()
         try:
-            relay = await self._first_event(call)
+            relay = await self.pipeline.overlap(call, self._first_event(call),
+                                                discard=_OpenStream.close)
             call.timed("upstream", started_s)
             response = make_response(call)
             await response.prepare(http_request)

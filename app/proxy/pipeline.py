@@ -7,6 +7,13 @@ Stages settle in reverse order of admission, like nested context managers, so
 a reservation is turned into a record before the rate limiter is corrected.
 ``settle`` runs before the last byte of the response leaves; after a client
 disconnect it runs shielded and tracked, so shutdown waits for it.
+
+A stage may ``defer`` its verdict: its Redis or Postgres round trip then overlaps
+the later stages, and with ``admit(call, overlap=True)`` the upstream request too
+(``Pipeline.overlap``). Nothing reaches the client before every verdict is in; a
+late refusal cancels the upstream request and is the answer. Stages defer only
+when their last verdict for the account left room, so a refusal after the
+upstream was asked is rare (another process spent the last of the credit).
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -24,6 +31,8 @@ from app.errors import ApiError
 from app.identity.principal import Principal
 from app.proxy.chat_request import ChatRequest
 from app.proxy.routing import Candidate
+
+T = TypeVar("T")
 
 # Steps shorter than this are not worth a Server-Timing entry.
 SERVER_TIMING_MIN_S = 10e-6
@@ -218,13 +227,15 @@ class Pipeline:
         self.stages = tuple(stages)
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def admit(self, call: ChatCall) -> None:
+    async def admit(self, call: ChatCall, *, overlap: bool = False) -> None:
         """Run every stage's admission; a refusal settles the stages already passed.
 
         Stages admit in order. One may ``defer`` its answer (the rate limiter, whose
         Redis round trip then overlaps the ledger's Postgres one); deferred answers
         are awaited last. A refusal is reported as if stages had answered in order:
-        a deferred stage's refusal wins over a later stage's.
+        a deferred stage's refusal wins over a later stage's. With ``overlap`` the
+        deferred answers are left pending: the caller must then forward through
+        ``overlap()``, which awaits them before anything reaches the client.
         """
         try:
             for stage in self.stages:
@@ -232,15 +243,42 @@ class Pipeline:
                 await stage.admit(call)
                 call.timed(stage.name, started_s)
                 call.admitted.append(stage)
+            if not overlap:
+                await self._confirm(call)
+        except BaseException as error:
+            await self._refuse(call, error)
+
+    async def overlap(self, call: ChatCall, work: Coroutine[Any, Any, T],
+                      discard: Callable[[T], Awaitable[None]] | None = None) -> T:
+        """Run ``work`` (the upstream request) while deferred verdicts arrive.
+
+        Returns what ``work`` returns once every verdict admitted the call. A
+        refusal (or this request's cancellation) cancels ``work``, hands what it
+        had already produced to ``discard`` (an open upstream stream to close),
+        settles the call and raises the refusal.
+        """
+        if not call.deferred:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
             await self._confirm(call)
         except BaseException as error:
-            refusal = await self._confirm_quietly(call)
-            if refusal is not None and isinstance(error, ApiError):
-                error = refusal
-            call.outcome.error = error if isinstance(error, ApiError) else None
-            call.outcome.finish("error", call.chat.prompt_chars)
-            await self.settle_shielded(call)
-            raise error from None
+            task.cancel()
+            done, = await asyncio.gather(task, return_exceptions=True)
+            if discard is not None and not isinstance(done, BaseException):
+                await discard(done)
+            await self._refuse(call, error)
+        return await task
+
+    async def _refuse(self, call: ChatCall, error: BaseException) -> None:
+        """Admission failed: settle what was admitted and raise the refusal to report."""
+        refusal = await self._confirm_quietly(call)
+        if refusal is not None and isinstance(error, ApiError):
+            error = refusal
+        call.outcome.error = error if isinstance(error, ApiError) else None
+        call.outcome.finish("error", call.chat.prompt_chars)
+        await self.settle_shielded(call)
+        raise error from None
 
     async def _confirm(self, call: ChatCall) -> None:
         while call.deferred:
@@ -274,6 +312,7 @@ class Pipeline:
             return
         call.settled = True
         assert call.outcome.finished_s is not None, "settle needs a finished outcome"
+        assert not call.deferred, "every verdict is in before a call settles"
         refusal: ApiError | None = None
         started_s = time.perf_counter()
         for stage in reversed(call.admitted):

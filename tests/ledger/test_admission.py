@@ -276,3 +276,38 @@ async def test_a_rate_limit_refusal_after_the_hold_was_taken_releases_it(
     assert hold_writes(tollgate) - before == 1, "the hold was taken during the limiter's trip"
     row = await assert_settled(engine, payer.account_id)
     assert row["usage_micros"] == 2 * COST_MICROS, "only the served calls were charged"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_credit_refusal_after_the_upstream_was_asked_cancels_it(
+    tollgate: RunningTollgate, engine: AsyncEngine, mock_upstream: MockUpstream, stream: bool
+) -> None:
+    """The last hold left room, so the next one is taken while the upstream is asked; the
+    limit dropped meanwhile: the answer is the 402, the upstream request is cancelled,
+    nothing is charged and nothing of the upstream's reaches the client."""
+    payer = await sign_in(tollgate.url)
+    await set_account(engine, payer.account_id, credit_limit_micros=10_000)
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, tollgate.v1, payer, numbered(0)))[0] == 200
+        await set_account(engine, payer.account_id, credit_limit_micros=0)
+        async with http.get(f"{mock_upstream.root}/mock/stats") as response:
+            before = await response.json()
+        # The upstream would answer in 3 s; the refusal comes from the ledger long before.
+        body = {**numbered(1), "stream": stream, "provider": {"only": ["mock"]},
+                "mock": {"latency_ms": 3000}}
+        status, _, answer = await post(http, tollgate.v1, payer, body)
+        assert_payment_required(status, answer, "credit_limit_exceeded")
+        async with http.get(f"{mock_upstream.root}/mock/wait", params={
+                "requests": before["requests"] + 1, "cancelled": before["cancelled"] + 1,
+                "timeout_s": 5}) as waited:
+            assert waited.status == 200, "the upstream was asked, then cancelled"
+            requests_before = (await waited.json())["requests"]
+        # The refusal made this process forget the room: the next call waits for its hold.
+        status, _, answer = await post(http, tollgate.v1, payer, body)
+        assert_payment_required(status, answer, "credit_limit_exceeded")
+        async with http.get(f"{mock_upstream.root}/mock/stats") as response:
+            assert (await response.json())["requests"] == requests_before, "not asked again"
+    await tollgate.app[PIPELINE].drain()
+    row = await assert_settled(engine, payer.account_id)
+    assert row["usage_micros"] == COST_MICROS, "only the first call was charged"
+    assert len(await recorded(engine, payer.account_id)) == 1

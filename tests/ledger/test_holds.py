@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.ledger.audit import ledger_discrepancies
 from app.ledger.expiry import sweep_expired_holds
-from app.ledger.holds import HoldRequest, HoldTaker
+from app.ledger.holds import HoldRequest, HoldTaker, Taken
 from app.ledger.recorder import UsageRecorder
 from app.storage.database import create_engine
 from tests.ledger.conftest import account_row, make_account, open_holds, set_account
@@ -26,7 +26,7 @@ def request_id() -> str:
 
 
 async def take(holds: HoldTaker, account_id: int, amount: int, rid: str | None = None
-               ) -> bool:
+               ) -> Taken | None:
     return await holds.take(HoldRequest(rid or request_id(), account_id, amount, LIFETIME_S))
 
 
@@ -94,7 +94,7 @@ async def test_two_processes_never_hold_more_than_the_limit(
     finally:
         await other.stop()
         await other_engine.dispose()
-    assert results.count(True) == 50
+    assert sum(result is not None for result in results) == 50
     assert (await account_row(engine, account))["held_micros"] == 5_000
     assert len(await open_holds(engine, account)) == 50
     assert await ledger_discrepancies(engine, [account]) == []
@@ -112,7 +112,8 @@ async def test_a_batch_admits_in_arrival_order_per_account(
         *(take(holds, roomy, 100) for _ in range(10)),
     )
     assert holds.writer.batches_written < 20, "concurrent holds shared statements"
-    assert results[:10] == [True] * 5 + [False] * 5, "the first five in arrival order"
+    assert results[:10] == [Taken(room) for room in (450, 350, 250, 150, 50)] + [None] * 5, (
+        "the first five in arrival order, each told the room it left")
     assert all(results[10:]), "another account's holds are not refused with them"
     assert set(await open_holds(engine, tight)) == set(tight_ids[:5])
     assert (await account_row(engine, tight))["held_micros"] == 500
@@ -125,8 +126,8 @@ async def test_one_request_id_twice_in_a_batch_holds_once(
 ) -> None:
     account = await make_account(engine, credit_limit_micros=1_000)
     rid = request_id()
-    assert await asyncio.gather(take(holds, account, 300, rid), take(holds, account, 300, rid)
-                                ) == [True, True]
+    both = await asyncio.gather(take(holds, account, 300, rid), take(holds, account, 300, rid))
+    assert None not in both
     assert await open_holds(engine, account) == {rid: 300}
     assert (await account_row(engine, account))["held_micros"] == 300
 

@@ -113,3 +113,62 @@ async def test_a_later_refusal_still_waits_for_the_deferred_answer() -> None:
     with pytest.raises(CreditLimitExceeded):
         await Pipeline([deferring, later]).admit(chat_call())
     assert deferring.confirmed and deferring.settled_after_confirmation is True
+
+
+async def test_overlap_returns_the_work_once_every_verdict_admitted() -> None:
+    deferring = Deferring()
+    pipeline = Pipeline([deferring])
+    call = chat_call()
+    await pipeline.admit(call, overlap=True)
+    assert call.deferred, "the verdict is left pending for the forwarder"
+    assert deferring.answer is not None
+
+    async def work() -> str:
+        assert not deferring.confirmed, "the upstream is asked while the verdict is out"
+        deferring.answer.set_result(None)  # type: ignore[union-attr]
+        return "answer"
+
+    assert await pipeline.overlap(call, work()) == "answer"
+    assert deferring.confirmed and not call.deferred and not call.settled
+
+
+@pytest.mark.parametrize("work_finished_first", [False, True])
+async def test_a_refusal_during_overlap_cancels_the_work_and_discards_its_result(
+    work_finished_first: bool
+) -> None:
+    deferring = Deferring(refusal=credit_refusal())
+    pipeline = Pipeline([deferring])
+    call = chat_call()
+    await pipeline.admit(call, overlap=True)
+    assert deferring.answer is not None
+    upstream_started = asyncio.Event()
+    cancelled: list[bool] = []
+    discarded: list[str] = []
+
+    async def work() -> str:
+        upstream_started.set()
+        try:
+            if not work_finished_first:
+                await asyncio.Event().wait()  # An upstream that has not answered yet.
+            return "stream"
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def discard(result: str) -> None:
+        discarded.append(result)
+
+    async def refuse_later() -> None:
+        await upstream_started.wait()  # A quick upstream has answered by then.
+        deferring.answer.set_result(None)  # type: ignore[union-attr]
+
+    refusing = asyncio.ensure_future(refuse_later())
+    with pytest.raises(CreditLimitExceeded):
+        await pipeline.overlap(call, work(), discard)
+    await refusing
+    assert call.settled and deferring.settled_after_confirmation is True
+    assert call.outcome.status == "error" and call.outcome.usage is None, "nothing to bill"
+    if work_finished_first:
+        assert discarded == ["stream"] and cancelled == []
+    else:
+        assert discarded == [] and cancelled == [True]

@@ -55,15 +55,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "payment required: pay with x402 (or authorize a wallet session)",
             max_cost_micros(call, settings.commission_bps), resource_url(request))
     try:
-        await request.app[PIPELINE].admit(call)
+        # Verdicts a stage deferred arrive while the upstream is asked (Pipeline.overlap):
+        # the credit check can refuse from the forwarder too, before any byte is sent.
+        await request.app[PIPELINE].admit(call, overlap=True)
+        forwarder = request.app[FORWARDER]
+        if chat.stream:
+            return await forwarder.stream(call, request, _stream_response)
+        document = await forwarder.complete(call)
     except CreditLimitExceeded as refusal:
         if payments is None:
             raise
         raise payments.ask_for(refusal, resource_url(request)) from None
-    forwarder = request.app[FORWARDER]
-    if chat.stream:
-        return await forwarder.stream(call, request, _stream_response)
-    document = await forwarder.complete(call)
     candidate = call.outcome.candidate
     assert candidate is not None
     headers = {PROVIDER_HEADER: candidate.route.provider.name}
