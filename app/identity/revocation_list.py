@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -46,8 +47,18 @@ class RevocationList:
 
     async def is_revoked(self, jti: str) -> bool | None:
         """True or False from Redis; None when Redis could not answer (ask Postgres)."""
+        return await self.answer(self.ask(jti))
+
+    def ask(self, jti: str) -> asyncio.Future[Any]:
+        """Send the check now; ``answer`` reads it. An answer nobody reads is dropped."""
+        reply = self.batcher.submit("GET", revoked_key(jti))
+        reply.add_done_callback(_read_quietly)
+        return reply
+
+    async def answer(self, reply: asyncio.Future[Any]) -> bool | None:
+        """What ``is_revoked`` returns, for a check sent by ``ask``."""
         try:
-            value = await self.batcher.execute("GET", revoked_key(jti))
+            value = await reply
         except REDIS_ERRORS as error:
             self._log_outage(error)
             return None
@@ -78,3 +89,9 @@ class RevocationList:
         if now_s - self._outage_logged_s >= OUTAGE_LOG_INTERVAL_S:
             self._outage_logged_s = now_s
             log.warning("Redis unavailable for revocation checks (%s); reading Postgres", error)
+
+
+def _read_quietly(reply: asyncio.Future[Any]) -> None:
+    # A request that failed before awaiting its check must not leave an error unread.
+    if not reply.cancelled():
+        reply.exception()

@@ -14,7 +14,7 @@ from app.errors import AuthenticationFailed
 from app.http.app import Backends
 from app.identity.revocation_list import revoked_key
 from app.identity.sessions import SESSIONS
-from tests.conftest import RunningTollgate, make_settings, start_tollgate
+from tests.conftest import MockUpstream, RunningTollgate, make_settings, start_tollgate
 from tests.identity.conftest import assert_error, assert_token_refused
 from tests.identity.test_tokens import chat
 from tests.identity.wallets import authorize, bearer, new_wallet
@@ -230,3 +230,33 @@ async def test_without_redis_postgres_decides(
         assert refused.value.code == "token_revoked"
     finally:
         await blind.runner.cleanup()
+
+
+async def test_a_session_revoked_elsewhere_costs_at_most_one_cancelled_upstream_call(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate, second: RunningTollgate,
+    mock_upstream: MockUpstream,
+) -> None:
+    """A session seen moments ago is let in while Redis is asked (authenticate_early):
+    the revocation still wins, cancels the upstream request, and the session's next
+    request is checked in full before anything is forwarded."""
+    issued = await authorize(http, tollgate.url)
+    token = issued["token"]
+    status, body, _ = await chat(http, tollgate, bearer(token))
+    assert status == 200, body  # Its row is now cached here.
+    status, answer = await delete(http, f"{second.url}/v1/authorize", token)
+    assert status == 200, answer
+    slow = {"model": "test-model", "messages": [{"role": "user", "content": "Hello"}],
+            "provider": {"only": ["mock"]}, "mock": {"latency_ms": 3000}}
+    async with http.get(f"{mock_upstream.root}/mock/stats") as response:
+        before = await response.json()
+    for attempt in range(2):
+        async with http.post(f"{tollgate.v1}/chat/completions", json=slow,
+                             headers=bearer(token)) as response:
+            assert_token_refused(response.status, await response.json(), response.headers,
+                                 "token_revoked")
+        async with http.get(f"{mock_upstream.root}/mock/wait", params={
+                "requests": before["requests"] + 1, "cancelled": before["cancelled"] + 1,
+                "timeout_s": 5}) as waited:
+            assert waited.status == 200, "the overlapped upstream call was cancelled"
+            seen = await waited.json()
+        assert seen["requests"] == before["requests"] + 1, f"attempt {attempt}: asked once"

@@ -10,7 +10,7 @@ from aiohttp import hdrs, web
 from app.errors import CreditLimitExceeded, InvalidRequest
 from app.http.keys import CATALOG, FORWARDER, PIPELINE, SETTINGS
 from app.http.request_context import request_id
-from app.identity.authenticate import authenticate
+from app.identity.authenticate import authenticate_early
 from app.identity.principal import Principal
 from app.ledger.holds import max_cost_micros
 from app.payments.setup import PAYMENTS, resource_url, x402_caller
@@ -32,7 +32,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started_s = time.perf_counter()
     principal: Principal | None
     if payments is None or hdrs.AUTHORIZATION in request.headers:
-        principal = await authenticate(request)
+        principal = await authenticate_early(request)
     else:
         principal = await x402_caller(request)
     authenticated_s = time.perf_counter()
