@@ -27,6 +27,7 @@ from app.http.keys import (
     OPERATOR,
     PIPELINE,
     REDIS,
+    REDIS_BATCHER,
     SETTINGS,
 )
 from app.http.metrics import Metrics
@@ -40,6 +41,7 @@ from app.proxy.forward import Forwarder
 from app.proxy.pipeline import Pipeline, Stage
 from app.settlement.setup import setup_settlement
 from app.storage.database import create_engine
+from app.storage.redis_batch import RedisBatcher
 from app.storage.redis_client import create_redis
 
 # Upstream connection pool: bounded, with keep-alive so a request rarely pays a handshake.
@@ -118,6 +120,7 @@ def _redis(url: str):  # type: ignore[no-untyped-def]
     async def context(app: web.Application) -> AsyncIterator[None]:
         client = create_redis(url)
         app[REDIS] = client
+        app[REDIS_BATCHER] = RedisBatcher(client)
         yield
         await client.aclose()
 

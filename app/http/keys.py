@@ -14,6 +14,7 @@ from app.config.settings import Settings
 from app.http.metrics import Metrics
 from app.proxy.forward import Forwarder
 from app.proxy.pipeline import Pipeline
+from app.storage.redis_batch import RedisBatcher
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -23,6 +24,9 @@ HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 DATABASE = web.AppKey("database", AsyncEngine)
 REDIS = web.AppKey("redis", redis.Redis)
+# Hot-path commands (revocation checks, bucket scripts) of concurrent requests share
+# round trips: at concurrency 1 a request makes one Redis round trip, not one per use.
+REDIS_BATCHER = web.AppKey("redis_batcher", RedisBatcher)
 # The one chain client (only with a chain configured): identity, settlement and x402 share it.
 CHAIN = web.AppKey("chain", ChainClient)
 # The operator's transaction sender, when a chain with an operator key is configured.

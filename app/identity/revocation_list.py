@@ -38,10 +38,12 @@ def revoked_key(jti: str) -> str:
 class RevocationList:
     """Reads and writes the revoked-session keys; never caches an answer."""
 
-    def __init__(self, client: redis.Redis, *, leeway_s: int) -> None:
+    def __init__(self, client: redis.Redis, *, leeway_s: int,
+                 batcher: RedisBatcher | None = None) -> None:
         self.client = client
         # Reads of concurrent requests share round trips (app.storage.redis_batch).
-        self.batcher = RedisBatcher(client)
+        self.batcher = batcher or RedisBatcher(client)
+        assert self.batcher.client is client, "the batcher sends on this client"
         self.leeway_s = leeway_s
         self._outage_logged_s = -OUTAGE_LOG_INTERVAL_S
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from app.chain.config import ChainConfig
 from app.config.settings import Settings
-from app.http.keys import CHAIN, DATABASE, REDIS, SETTINGS
+from app.http.keys import CHAIN, DATABASE, REDIS, REDIS_BATCHER, SETTINGS
 from app.identity.account_cache import SessionAccountCache
 from app.identity.authenticate import IdentityStage
 from app.identity.chain_verifier import ChainVerifier
@@ -54,7 +54,8 @@ def _sessions(chain: ChainConfig | None) -> Callable[[web.Application], AsyncIte
             codec=TokenCodec(keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                              leeway_s=leeway_s),
             store=SessionStore(app[DATABASE]),
-            revocations=RevocationList(app[REDIS], leeway_s=leeway_s),
+            revocations=RevocationList(app[REDIS], leeway_s=leeway_s,
+                                       batcher=app[REDIS_BATCHER]),
             cache=SessionAccountCache(),
             verifier=verifier,
             policies=policies,

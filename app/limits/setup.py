@@ -14,7 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import Counter
 
-from app.http.keys import METRICS, REDIS, SETTINGS
+from app.http.keys import METRICS, REDIS, REDIS_BATCHER, SETTINGS
 from app.limits.headers import add_rate_limit_headers
 from app.limits.ip_limit import ip_limit_middleware
 from app.limits.limiter import Limiter
@@ -60,5 +60,5 @@ class _AppBuckets:
     def __call__(self) -> TokenBuckets:
         client = self._app[REDIS]
         if self._buckets is None or self._buckets.client is not client:
-            self._buckets = TokenBuckets(client)
+            self._buckets = TokenBuckets(client, batcher=self._app[REDIS_BATCHER])
         return self._buckets

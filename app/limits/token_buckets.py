@@ -28,6 +28,8 @@ MINUTE_MS = 60_000
 # 2-core host a healthy Redis call can wait a few hundred ms for the event loop, and
 # fail-closed would turn that into 503s.
 CALL_TIMEOUT_S = 1.0
+# A correction waits this long for a call's commands to share a round trip with.
+CORRECTION_SEND_WITHIN_S = 0.005
 # The script stores a level of capacity * period ticks in a double; staying under
 # 2^51 keeps it, and a debt of the same size, exact (doubles are exact to 2^53).
 TICKS_MAX = 2**51
@@ -104,11 +106,13 @@ class Verdict:
 class TokenBuckets:
     """The bucket script bound to one Redis client."""
 
-    def __init__(self, client: redis.Redis, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, client: redis.Redis, *, call_timeout_s: float = CALL_TIMEOUT_S,
+                 batcher: RedisBatcher | None = None) -> None:
         self.client = client
         self.call_timeout_s = call_timeout_s
         # Calls of concurrent requests share round trips (app.storage.redis_batch).
-        self.batcher = RedisBatcher(client)
+        self.batcher = batcher or RedisBatcher(client)
+        assert self.batcher.client is client, "the batcher sends on this client"
         self.script_sha = hashlib.sha1(SCRIPT_SOURCE.encode("utf-8")).hexdigest()
 
     async def acquire(self, buckets: Sequence[Bucket]) -> Verdict:
@@ -127,7 +131,9 @@ class TokenBuckets:
     async def adjust(self, buckets: Sequence[Bucket]) -> tuple[BucketState, ...]:
         """Add each bucket's signed amount; levels stay within [-capacity, capacity]."""
         command = self._command("adjust", buckets)
-        status, states = await self._reply(self.batcher.submit(*command), command, buckets)
+        # Nobody waits for a correction: it goes with the next call's commands.
+        sent = self.batcher.submit(*command, within_s=CORRECTION_SEND_WITHIN_S)
+        status, states = await self._reply(sent, command, buckets)
         assert status == _ADMITTED and not any(state.lacking for state in states)
         return states
 

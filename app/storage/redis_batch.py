@@ -11,6 +11,12 @@ trip carries everything that arrived during the previous one. This is group
 commit (``app.ledger.group_commit``) for Redis, as ioredis calls it
 "auto-pipelining".
 
+A command nobody waits for (a rate-limit correction after the answer) may be
+sent lazily (``within_s``): it rides with the next command that is sent at once,
+or goes on its own after that delay. At concurrency 1 the correction of one call
+then shares the next call's round trip instead of costing one of its own, and
+each round trip costs a wake-up of Redis and of us.
+
 The pipeline is not a transaction: each command is atomic on its own (a script
 is one command), and one command's error is its caller's alone.
 """
@@ -33,22 +39,37 @@ class RedisBatcher:
         self.client = client
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
+        # The timer that sends lazy commands when no other command took them along.
+        self._timer: asyncio.TimerHandle | None = None
         self.pipelines_sent = 0
 
     async def execute(self, *command: Any) -> Any:
         """Run one command in the next pipeline; its reply, or its error raised here."""
         return await self.submit(*command)
 
-    def submit(self, *command: Any) -> asyncio.Future[Any]:
+    def submit(self, *command: Any, within_s: float = 0.0) -> asyncio.Future[Any]:
         """Queue one command for the next pipeline now; the future holds its reply or error.
 
+        With ``within_s`` the command waits up to that long for another to go with.
         The caller must await the future (an unread error is logged by asyncio).
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        assert within_s >= 0
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((command, future))
-        if self._sender is None:
-            self._sender = asyncio.ensure_future(self._send())
+        if within_s == 0:
+            self._start()
+        elif self._sender is None and self._timer is None:
+            self._timer = loop.call_later(within_s, self._on_timer)
         return future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._start()
+
+    def _start(self) -> None:
+        if self._sender is None and self._queue:
+            self._sender = asyncio.ensure_future(self._send())
 
     async def _send(self) -> None:
         try:

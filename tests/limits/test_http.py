@@ -10,8 +10,12 @@ import redis.asyncio as redis
 
 from app.config.catalog import Catalog
 from app.http.app import Backends
+from app.http.keys import PIPELINE, REDIS_BATCHER
 from app.limits.bucket_keys import ip_request_key
+from app.limits.stage import LimitsStage
 from tests.conftest import RunningTollgate, make_settings, start_tollgate
+from tests.identity.test_tokens import chat
+from tests.identity.wallets import authorize, bearer
 
 IP_LIMIT = 3
 RATE_LIMIT_HEADERS = (
@@ -81,3 +85,21 @@ async def test_other_endpoints_are_not_ip_limited(
         async with http.delete(f"{limited_tollgate.v1}/authorize") as response:
             assert response.status != 429
             assert "X-RateLimit-Limit" not in response.headers
+
+
+async def test_a_warm_chat_call_makes_one_redis_round_trip_to_be_admitted(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate
+) -> None:
+    """The revocation check and the bucket script go out together (one shared batcher),
+    and the bucket correction after the answer is one more: two pipelines per call."""
+    issued = await authorize(http, tollgate.url)
+    (stage,) = [stage for stage in tollgate.app[PIPELINE].stages if stage.name == "limits"]
+    assert isinstance(stage, LimitsStage)
+    batcher = tollgate.app[REDIS_BATCHER]
+    for call in range(3):
+        before = batcher.pipelines_sent
+        status, body, _ = await chat(http, tollgate, bearer(issued["token"]))
+        assert status == 200, body
+        await stage.drain()
+        if call > 0:  # The first call is checked in full before the bucket is asked.
+            assert batcher.pipelines_sent - before == 2, f"call {call}"

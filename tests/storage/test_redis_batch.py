@@ -46,6 +46,24 @@ async def test_a_command_alone_is_sent_at_once(client: redis.Redis) -> None:
     assert batcher.pipelines_sent == 2
 
 
+async def test_a_lazy_command_rides_with_the_next_one_sent(client: redis.Redis) -> None:
+    batcher = RedisBatcher(client)
+    name = key()
+    lazy = batcher.submit("INCR", name, within_s=60.0)
+    await asyncio.sleep(0)  # A turn of the loop: an eager command would have left by now.
+    assert batcher.pipelines_sent == 0 and not lazy.done()
+    assert await batcher.execute("GET", name) == b"1", "sent first, in the same pipeline"
+    assert await lazy == 1
+    assert batcher.pipelines_sent == 1
+
+
+async def test_a_lazy_command_alone_leaves_after_its_delay(client: redis.Redis) -> None:
+    batcher = RedisBatcher(client)
+    name = key()
+    assert await batcher.submit("INCR", name, within_s=0.01) == 1
+    assert batcher.pipelines_sent == 1
+
+
 async def test_one_commands_error_is_its_callers_alone(client: redis.Redis) -> None:
     batcher = RedisBatcher(client)
     text, number = key(), key()
