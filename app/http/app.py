@@ -120,8 +120,10 @@ def _redis(url: str):  # type: ignore[no-untyped-def]
     async def context(app: web.Application) -> AsyncIterator[None]:
         client = create_redis(url)
         app[REDIS] = client
-        app[REDIS_BATCHER] = RedisBatcher(client)
+        batcher = RedisBatcher(client)
+        app[REDIS_BATCHER] = batcher
         yield
+        await batcher.close()
         await client.aclose()
 
     return context

@@ -19,6 +19,14 @@ each round trip costs a wake-up of Redis and of us.
 
 The pipeline is not a transaction: each command is atomic on its own (a script
 is one command), and one command's error is its caller's alone.
+
+The batcher keeps one connection of the client's pool for itself and writes each
+batch on it in the step that takes the batch. Going through redis-py's pipeline
+object cost a pool checkout per round trip (with a zero-timeout read to check the
+connection, one loop turn) and a task per write (``asyncio.wait_for`` on Python
+3.11, another turn): at the start of a call, the turns in which the rest of the
+call ran were spent before the command even left. A round trip is bounded by
+``ROUND_TRIP_TIMEOUT_S`` here instead of redis-py's socket timeout.
 """
 
 from __future__ import annotations
@@ -27,9 +35,16 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.storage.redis_client import REDIS_TIMEOUT_S
 
 # Commands per pipeline: bounded so one round trip stays short.
 MAX_PIPELINE_COMMANDS = 1_000
+# The longest one round trip (write a batch, read its replies) may take.
+ROUND_TRIP_TIMEOUT_S = REDIS_TIMEOUT_S
 
 
 class RedisBatcher:
@@ -41,6 +56,10 @@ class RedisBatcher:
         self._sender: asyncio.Task[None] | None = None
         # The timer that sends lazy commands when no other command took them along.
         self._timer: asyncio.TimerHandle | None = None
+        # The pool connection the batcher writes on (None until needed, or after an
+        # error), and the socket timeout it came with, restored when it goes back.
+        self._connection: AbstractConnection | None = None
+        self._pool_socket_timeout: float | None = None
         self.pipelines_sent = 0
 
     async def execute(self, *command: Any) -> Any:
@@ -86,13 +105,12 @@ class RedisBatcher:
         if not batch:
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipeline:
-                for command, _ in batch:
-                    pipeline.execute_command(*command)
-                replies = await pipeline.execute(raise_on_error=False)
+            replies = await self._round_trip([command for command, _ in batch])
         except BaseException as error:
             # The whole round trip failed (connection, timeout, cancellation): every
-            # caller in it gets the error, and the next pipeline starts afresh.
+            # caller in it gets the error, and the next pipeline starts afresh on a
+            # fresh connection (a half-read reply would answer the wrong command).
+            await self._drop_connection()
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error if isinstance(error, Exception)
@@ -109,3 +127,52 @@ class RedisBatcher:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write the commands at once, then read one reply (or error) per command."""
+        connection = await self._connected()
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
+                await connection.send_packed_command(connection.pack_commands(commands),
+                                                     check_health=False)
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as error:
+                        replies.append(error)  # That command's alone; the rest read on.
+        except TimeoutError:
+            raise RedisTimeoutError("redis did not answer in time") from None
+        return replies
+
+    async def _connected(self) -> AbstractConnection:
+        if self._connection is None:
+            connection = await self.client.connection_pool.get_connection()
+            # Our deadline bounds the round trip: without a socket timeout redis-py
+            # writes in this task instead of a new one.
+            self._pool_socket_timeout = connection.socket_timeout
+            connection.socket_timeout = None
+            self._connection = connection
+        return self._connection
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.socket_timeout = self._pool_socket_timeout
+        await connection.disconnect(nowait=True)
+        await self.client.connection_pool.release(connection)
+
+    async def close(self) -> None:
+        """Give the connection back to the pool (commands still queued are sent first)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._start()
+        while self._sender is not None:
+            await self._sender
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.socket_timeout = self._pool_socket_timeout
+            await self.client.connection_pool.release(connection)
+

@@ -19,4 +19,5 @@ def create_redis(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_TIMEOUT_S,
         decode_responses=False,
     )
-    return redis.Redis(connection_pool=pool)
+    # from_pool: the client owns its pool, so aclose() closes every connection.
+    return redis.Redis.from_pool(pool)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app.limits.token_buckets import Bucket, TokenBuckets
 from app.storage.redis_batch import RedisBatcher
@@ -62,6 +62,30 @@ async def test_a_lazy_command_alone_leaves_after_its_delay(client: redis.Redis) 
     name = key()
     assert await batcher.submit("INCR", name, within_s=0.01) == 1
     assert batcher.pipelines_sent == 1
+
+
+async def test_close_sends_what_is_queued(client: redis.Redis) -> None:
+    batcher = RedisBatcher(client)
+    name = key()
+    lazy = batcher.submit("INCR", name, within_s=60.0)
+    await batcher.close()
+    assert lazy.done() and lazy.result() == 1
+
+
+async def test_a_killed_connection_fails_its_round_trip_and_is_replaced(
+    client: redis.Redis,
+) -> None:
+    """The batcher keeps one connection: when Redis drops it, the next round trip
+    fails (never answers from a half-read reply) and the one after runs on a new one."""
+    batcher = RedisBatcher(client)
+    first_id = await batcher.execute("CLIENT", "ID")
+    assert await batcher.execute("CLIENT", "ID") == first_id, "one connection kept"
+    assert await client.client_kill_filter(_id=first_id) == 1
+    with pytest.raises(RedisError):
+        await batcher.execute("CLIENT", "ID")
+    second_id = await batcher.execute("CLIENT", "ID")
+    assert second_id != first_id
+    await batcher.close()
 
 
 async def test_one_commands_error_is_its_callers_alone(client: redis.Redis) -> None:
