@@ -2,8 +2,9 @@
 
 Starts the mock upstream, the bare proxy (``bench.bare_proxy``) and Tollgate
 (embedded Postgres and Redis in a temporary state dir), then runs every cell
-(scenario x concurrency) against each target in turn, the three targets of a
-cell back to back so that drift on the machine hits them alike. Each cell's load
+(scenario x concurrency) against each target, in three interleaved rounds per
+cell (direct, bare, tollgate, then the reverse, then again) so that drift on the
+machine hits the targets alike. Each cell's load
 runs in its own process (``bench.load``). Prints a table and the goals as
 PASS/FAIL lines, and writes everything to ``bench/results/latest.json``.
 
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ SERVER_START_TIMEOUT_S = 30.0
 CELL_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 40.0
 TARGETS = ("direct", "bare", "tollgate")
+# Each cell runs in this many interleaved rounds (see run_rounds); --quick runs one.
+ROUNDS = 3
 
 # Goals (see README): Tollgate against the bare proxy and the direct upstream.
 GOAL_THROUGHPUT_RATIO = 0.75
@@ -106,13 +109,15 @@ class Scenario:
 
 
 def plan(quick: bool) -> list[Scenario]:
-    """Fixed request counts; streaming runs at least three waves at every concurrency."""
+    """Fixed request counts; streaming runs whole waves, at least one per round."""
     if quick:
         json_counts = {1: 50, 16: 200, 64: 400}
         stream_counts = {1: 3, 16: 16, 64: 64}
     else:
         json_counts = {1: 300, 16: 2000, 64: 4000}
-        stream_counts = {1: 10, 16: 64, 64: 192}
+        # Multiples of ROUNDS x concurrency: each round runs whole waves (a part-filled
+        # last wave would take a full wave's time and understate throughput).
+        stream_counts = {1: 12, 16: 96, 64: 192}
     cells = [Scenario(False, c, n, _warmup(c, quick)) for c, n in json_counts.items()]
     cells += [Scenario(True, c, n, _warmup(c, quick)) for c, n in stream_counts.items()]
     return cells
@@ -314,7 +319,17 @@ class CellResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def run_cell(target: Target, scenario: Scenario, mock: Server, workdir: Path) -> CellResult:
+@dataclass(slots=True)
+class Measured:
+    """One load run against one target: the load's samples and the CPU each side used."""
+
+    samples: dict[str, Any]
+    cpu_s: dict[str, float]
+    stores_s: float
+    foreign_s: float
+
+
+def measure(target: Target, scenario: Scenario, mock: Server, workdir: Path) -> Measured:
     """Warm up, snapshot the servers, measure, snapshot again."""
     argv = _python(
         "-m", "bench.load", "--url", target.url, "--model", target.model,
@@ -350,15 +365,73 @@ def run_cell(target: Target, scenario: Scenario, mock: Server, workdir: Path) ->
         if load.poll() is None:
             load.kill()
         load.wait()
+    return Measured(
+        samples,
+        {key: value - before[key] for key, value in after.items()},
+        _used(snapshot_before.stores, snapshot_after.stores),
+        _used(snapshot_before.foreign, snapshot_after.foreign),
+    )
+
+
+def merge(runs: Sequence[Measured]) -> Measured:
+    """Several rounds of one target and cell as one run: samples pooled, costs summed."""
+    samples: dict[str, Any] = {
+        "latencies_s": [], "ttfc_s": [], "gaps_s": [], "batched_reads": 0,
+        "max_events_per_read": 0, "min_content_events": None, "errors": 0,
+        "first_error": None, "client_cpu_s": 0.0, "wall_s": 0.0,
+    }
+    cpu_s: dict[str, float] = {}
+    for run in runs:
+        got = run.samples
+        for name in ("latencies_s", "ttfc_s", "gaps_s"):
+            samples[name] += got[name]
+        for name in ("batched_reads", "errors", "client_cpu_s", "wall_s"):
+            samples[name] += got[name]
+        samples["max_events_per_read"] = max(samples["max_events_per_read"],
+                                             got["max_events_per_read"])
+        if got["min_content_events"] is not None:
+            known = samples["min_content_events"]
+            samples["min_content_events"] = (got["min_content_events"] if known is None
+                                             else min(known, got["min_content_events"]))
+        samples["first_error"] = samples["first_error"] or got["first_error"]
+        for key, value in run.cpu_s.items():
+            cpu_s[key] = cpu_s.get(key, 0.0) + value
+    return Measured(samples, cpu_s, sum(run.stores_s for run in runs),
+                    sum(run.foreign_s for run in runs))
+
+
+def run_rounds(targets: Sequence[Target], scenario: Scenario, rounds: int, mock: Server,
+               workdir: Path) -> list[CellResult]:
+    """Run a cell's requests in ``rounds`` parts, every target once per round, in an
+    order that reverses each round; each target's parts are pooled.
+
+    The machine drifts over a cell (another VM on the host, its own background work):
+    interleaving spreads that drift over every target instead of letting it land on
+    whichever ran last.
+    """
+    parts: dict[str, list[Measured]] = {target.name: [] for target in targets}
+    for index in range(rounds):
+        share = scenario.requests // rounds + (index < scenario.requests % rounds)
+        part = replace(scenario, requests=share)
+        for target in (targets if index % 2 == 0 else list(reversed(targets))):
+            print(f"  {scenario.key:<10} {target.name:<8} round {index + 1}/{rounds}: "
+                  f"{share} requests", file=sys.stderr, flush=True)
+            parts[target.name].append(measure(target, part, mock, workdir))
+    return [cell_result(target, scenario, merge(parts[target.name])) for target in targets]
+
+
+def cell_result(target: Target, scenario: Scenario, measured: Measured) -> CellResult:
+    """The statistics of a cell from its (merged) measurement."""
+    samples = measured.samples
     stats = summarize(samples, scenario)
     done = max(len(samples["latencies_s"]), 1)
-    for key, value in after.items():
-        stats[f"{key}_cpu_us_per_req"] = (value - before[key]) / done * 1e6
+    for key, value in measured.cpu_s.items():
+        stats[f"{key}_cpu_us_per_req"] = value / done * 1e6
     stats["client_cpu_us_per_req"] = samples["client_cpu_s"] / done * 1e6
-    stats["other_cpu_pct"] = _foreign_share(snapshot_before, snapshot_after, samples["wall_s"])
+    capacity = samples["wall_s"] * (os.cpu_count() or 1)
+    stats["other_cpu_pct"] = 100 * measured.foreign_s / capacity if capacity else 0.0
     if target.name == "tollgate":
-        stores_s = _used(snapshot_before.stores, snapshot_after.stores)
-        stats["stores_cpu_us_per_req"] = stores_s / done * 1e6
+        stats["stores_cpu_us_per_req"] = measured.stores_s / done * 1e6
     if target.server is not None:
         stats["peak_rss_mb"] = (proc_status_kb(target.server.pid, "VmHWM") or 0) / 1024
         stats["rss_mb"] = (proc_status_kb(target.server.pid, "VmRSS") or 0) / 1024
@@ -401,12 +474,6 @@ def cpu_snapshot(workdir: Path) -> CpuSnapshot:
 def _used(before: dict[int, float], after: dict[int, float]) -> float:
     # A process that started during the cell counts with all its time.
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
-
-
-def _foreign_share(before: CpuSnapshot, after: CpuSnapshot, wall_s: float) -> float:
-    """Percent of the machine's CPU capacity that other processes used during a cell."""
-    capacity = wall_s * (os.cpu_count() or 1)
-    return 100 * _used(before.foreign, after.foreign) / capacity if capacity else 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -702,11 +769,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with servers(workdir, wanted) as started:
             targets = _targets(started, wanted)
+            rounds = 1 if args.quick else ROUNDS
             for scenario in _selected(plan(args.quick), args.cells):
-                for target in targets:
-                    print(f"  {scenario.key:<10} {target.name:<8} "
-                          f"{scenario.requests} requests", file=sys.stderr, flush=True)
-                    results.append(run_cell(target, scenario, started["mock"], workdir))
+                results += run_rounds(targets, scenario, rounds, started["mock"], workdir)
             if "tollgate" in started:
                 extra["tollgate_backing_stores"] = backing_stores(workdir / "state")
                 extra["tollgate_log_problems"] = _log_problems(started["tollgate"])[:20]
