@@ -7,8 +7,9 @@ So the commands go through a ``RedisBatcher``: a command issued while no
 pipeline is in flight starts one two turns of the loop later, taking every
 command queued by then (the upstream request its call starts in the same step is
 written first, and Redis answers while the upstream works); commands issued
-while a pipeline is in flight go in the next one. Alone, a command waits for exactly one round trip; under load, a round
-trip carries everything that arrived during the previous one. This is group
+while a pipeline is in flight go in the next one. Alone, a command waits for
+exactly one round trip; under load, a round trip carries everything that arrived
+during the previous one. This is group
 commit (``app.ledger.group_commit``) for Redis, as ioredis calls it
 "auto-pipelining".
 

@@ -10,34 +10,16 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.limits.limiter import Limiter, OnRedisError
 from app.limits.token_buckets import TokenBuckets
-
-# Enough connections for the concurrency tests; a blocking pool queues the rest
-# instead of failing them, as a production pool under load should. Kept small: a burst
-# of fresh connections to the embedded Redis 6.2 now and then loses a handshake answer
-# until redis-py's 5 s socket timeout (seen after tests/ledger/test_billing.py; not yet
-# understood, see the session note), and these tests are about the script, not that.
-TEST_POOL_CONNECTIONS = 16
-POOL_WAIT_S = 10.0
-
-
-def roomy_client(url: str) -> redis.Redis:
-    # A handshake that stalls (see TEST_POOL_CONNECTIONS) times out after 1 s and the
-    # connection is made again, instead of failing the test on an unrelated stall.
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=TEST_POOL_CONNECTIONS, timeout=POOL_WAIT_S,
-        socket_timeout=1.0, retry_on_timeout=True, retry=Retry(NoBackoff(), 3),
-    )
-    return redis.Redis(connection_pool=pool)
+from app.storage.redis_client import create_redis
 
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    client = roomy_client(redis_url)
+    # The production client, settings included: its pool and timeouts are under test too.
+    client = create_redis(redis_url)
     yield client
     await client.aclose()
 

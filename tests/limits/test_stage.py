@@ -22,7 +22,8 @@ from app.limits.token_buckets import CALL_TIMEOUT_S, Bucket
 from app.proxy.chat_request import ChatRequest
 from app.proxy.pipeline import ChatCall, Pipeline, Usage, estimated_max_tokens
 from app.proxy.routing import Candidate
-from tests.limits.conftest import MISSING_SOCKET_URL, closed_tcp_url, make_limiter, roomy_client
+from app.storage.redis_client import create_redis
+from tests.limits.conftest import MISSING_SOCKET_URL, closed_tcp_url, make_limiter
 
 MAX_OUTPUT_TOKENS = 100
 PROMPT_CHARS = 400  # 100 estimated tokens
@@ -188,7 +189,7 @@ async def test_without_a_principal_no_account_limit_applies(redis_client: redis.
 
 async def test_redis_down_fails_closed_with_503(redis_url: str) -> None:
     for url in (closed_tcp_url(), MISSING_SOCKET_URL):
-        client = roomy_client(url)
+        client = create_redis(url)
         stage = stage_for(make_limiter(client, "closed"))
         with pytest.raises(ServiceUnavailable) as refused:
             await admit(stage, chat_call(account()))
@@ -201,7 +202,7 @@ async def test_redis_down_fails_closed_with_503(redis_url: str) -> None:
 async def test_redis_down_fails_open_without_headers_and_with_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    client = roomy_client(closed_tcp_url())
+    client = create_redis(closed_tcp_url())
     stage = stage_for(make_limiter(client, "open"))
     with caplog.at_level(logging.WARNING, logger="app.limits.limiter"):
         for _ in range(5):
@@ -221,7 +222,7 @@ async def test_a_lost_correction_is_logged_not_raised(
 ) -> None:
     call = chat_call(account())
     await admit(stage_for(make_limiter(redis_client)), call)
-    dead = roomy_client(closed_tcp_url())
+    dead = create_redis(closed_tcp_url())
     with caplog.at_level(logging.WARNING, logger="app.limits.limiter"):
         stage = stage_for(make_limiter(dead))
         await stage.settle(call)
@@ -234,7 +235,7 @@ async def test_a_lost_correction_is_logged_not_raised(
 async def test_a_silent_redis_costs_at_most_the_call_timeout(
     silent_redis_url: str, on_redis_error: str
 ) -> None:
-    client = roomy_client(silent_redis_url)
+    client = create_redis(silent_redis_url)
     stage = stage_for(make_limiter(client, "open" if on_redis_error == "open" else "closed"))
     call = chat_call(account())
     started_s = time.monotonic()

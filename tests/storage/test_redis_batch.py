@@ -12,12 +12,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from app.limits.token_buckets import Bucket, TokenBuckets
 from app.storage.redis_batch import RedisBatcher
-from tests.limits.conftest import closed_tcp_url, roomy_client
+from app.storage.redis_client import create_redis
+from tests.limits.conftest import closed_tcp_url
 
 
 @pytest.fixture
 async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    client = roomy_client(redis_url)
+    client = create_redis(redis_url)
     yield client
     await client.aclose()
 
