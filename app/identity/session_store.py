@@ -9,17 +9,19 @@ another's sessions.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from app.identity.authorization import Authorization
+from app.storage import driver
 from app.storage.tables import accounts, authorization_nonces, sessions
 
 # Live (unexpired, unrevoked) sessions one account may hold. It bounds the work
@@ -65,13 +67,18 @@ def timestamp(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
 
 
+# What the driver raises, under ``app.storage.driver``, when Postgres is down or restarting.
+DRIVER_OUTAGES = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.exceptions.OperatorInterventionError)
+
+
 @contextlib.contextmanager
 def database_errors() -> Iterator[None]:
     """Postgres being unreachable is an operating error (503), not our bug (500)."""
     try:
         yield
     except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError,
-            TimeoutError):
+            TimeoutError, *DRIVER_OUTAGES):
         raise ServiceUnavailable("the database is unavailable; retry shortly",
                                  code="database_unavailable") from None
 
@@ -83,7 +90,18 @@ _ACCOUNT_COLUMNS = (
 )
 
 
-def _account(mapping: RowMapping) -> Account:
+# The session with its account, by jti ($1). Account columns keep their names.
+LOAD_SESSION = f"""
+SELECT session.jti, session.wallet AS session_wallet, session.session_key,
+       session.chain_id AS session_chain_id, session.expires_at, session.revoked_at,
+       {", ".join(f"account.{column.name}" for column in _ACCOUNT_COLUMNS)}
+FROM {sessions.name} AS session
+JOIN {accounts.name} AS account ON account.id = session.account_id
+WHERE session.jti = $1
+"""
+
+
+def _account(mapping: Mapping[Any, Any]) -> Account:
     return Account(
         id=mapping["id"], chain_id=mapping["chain_id"], wallet=mapping["wallet"],
         smart_account=mapping["smart_account"], status=mapping["status"],
@@ -177,20 +195,16 @@ class SessionStore:
             )
 
     async def load(self, jti: str) -> SessionAccount | None:
-        """The session and its account, or None if no such session exists."""
-        query = (
-            sa.select(sessions.c.jti, sessions.c.wallet.label("session_wallet"),
-                      sessions.c.session_key, sessions.c.chain_id.label("session_chain_id"),
-                      sessions.c.expires_at, sessions.c.revoked_at, *_ACCOUNT_COLUMNS)
-            .select_from(sessions.join(accounts, accounts.c.id == sessions.c.account_id))
-            .where(sessions.c.jti == jti)
-        )
+        """The session and its account, or None if no such session exists.
+
+        On the request path (a cache miss, or the reload of an aging row), so one
+        statement on the driver (``app.storage.driver``): one round trip.
+        """
         with database_errors():
-            async with self.engine.connect() as connection:
-                row = (await connection.execute(query)).first()
-        if row is None:
+            rows = await driver.fetch(self.engine, LOAD_SESSION, jti)
+        if not rows:
             return None
-        mapping = row._mapping
+        mapping = rows[0]
         return SessionAccount(
             jti=mapping["jti"], wallet=mapping["session_wallet"],
             session_key=mapping["session_key"], chain_id=mapping["session_chain_id"],

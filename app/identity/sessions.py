@@ -44,6 +44,8 @@ from app.identity.verifier import AuthorizationVerifier
 log = logging.getLogger(__name__)
 
 JTI_BYTES = 16
+# An aging cached row is reloaded this long after the request that found it.
+RELOAD_DELAY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,9 @@ class Sessions:
 
     async def _refresh(self, jti: str) -> None:
         try:
+            # Not now: the request that found the row aging is still before its first
+            # byte, and a reload then competes with it for the loop and the database.
+            await asyncio.sleep(RELOAD_DELAY_S)
             row = await self.store.load(jti)
         except Exception as error:  # The row still expires at its TTL.
             log.debug("cached session row not reloaded: %s", error)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.ledger import driver
+from app.storage import driver
 from app.storage.tables import accounts, holds, usage_records
 
 DISCREPANCIES = f"""

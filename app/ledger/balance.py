@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import CreditLimitExceeded, NotFound
-from app.ledger import driver
+from app.storage import driver
 from app.storage.tables import accounts
 
 # The rule as SQL over an ``accounts`` row, for a cost given as ``{cost}``. Both the

@@ -16,7 +16,7 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.ledger import driver
+from app.storage import driver
 from app.storage.tables import accounts, holds
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.ledger import driver
+from app.storage import driver
 from app.storage.tables import accounts, payments
 
 CONFIRM = f"""
