@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -195,10 +195,19 @@ class Forwarder:
         outcome = call.outcome
         provider = relay.provider
         failure: ApiError | None = None
+        # Events that arrived together leave together: one write (one wake-up of the
+        # client) for what is already here, never a wait for more.
+        out: list[bytes] = []
         while True:
+            if out and not relay.has_ready():
+                await response.write(b"".join(out))
+                out.clear()
             try:
-                async with asyncio.timeout(self.keepalive_s):
-                    item = await relay.next()
+                if relay.has_ready():
+                    item = relay.next_nowait()
+                else:
+                    async with asyncio.timeout(self.keepalive_s):
+                        item = await relay.next()
             except TimeoutError:
                 await response.write(KEEPALIVE_EVENT)
                 continue
@@ -226,8 +235,10 @@ class Forwarder:
                 break
             event = rewriter.rewrite(document)
             if event is not None:
-                await response.write(event)
+                out.append(event)
                 outcome.mark_first_chunk()
+        if out:
+            await response.write(b"".join(out))
         outcome.error = failure
         outcome.finish("ok" if failure is None else "error", call.chat.prompt_chars)
         try:
@@ -248,14 +259,17 @@ class _OpenStream:
     """An upstream SSE response read by its own task into a bounded queue.
 
     The reader task lets the writer wait with a keep-alive timeout without ever
-    cancelling a half-read line.
+    cancelling a half-read line. The first event is read before that task starts,
+    by ``peek`` itself: it decides whether the route answered at all, and going
+    through the task and the queue cost it two more turns of the loop.
     """
 
     def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
         self.response = response
         self.provider = provider
         self.queue: asyncio.Queue[bytes | StreamEnd] = asyncio.Queue(STREAM_QUEUE_EVENTS)
-        self.task = asyncio.ensure_future(self._pump(iter_sse_data(response.content)))
+        self.events: AsyncGenerator[bytes, None] = iter_sse_data(response.content)
+        self.task: asyncio.Task[None] | None = None
         self.first: bytes | StreamEnd | None = None
 
     async def _pump(self, events: AsyncIterator[bytes]) -> None:
@@ -278,28 +292,51 @@ class _OpenStream:
         await self.queue.put(end)
 
     async def peek(self, timeout_s: float) -> None:
-        """Wait for the first event; a stream that ends before it is a failed route."""
+        """Read the first event, then start reading the rest; a stream that fails or
+        ends before its first event is a failed route."""
         try:
             async with asyncio.timeout(timeout_s):
-                self.first = await self.queue.get()
+                first = await anext(self.events, None)
         except TimeoutError:
             raise RouteFailure(self.provider.name, FailureKind.TIMEOUT, "no first chunk") from None
-        if isinstance(self.first, StreamEnd):
-            raise self.first.failure or RouteFailure(
+        except aiohttp.ClientError:
+            raise RouteFailure(
+                self.provider.name, FailureKind.CONNECT, "stream cut short"
+            ) from None
+        if first is None:
+            raise RouteFailure(
                 self.provider.name, FailureKind.BAD_RESPONSE, "stream ended before any chunk"
             )
+        self.first = first
+        if first != b"[DONE]":
+            self.task = asyncio.ensure_future(self._pump(self.events))
 
     async def next(self) -> bytes | StreamEnd:
         if self.first is not None:
             first, self.first = self.first, None
             return first
+        if self.task is None:
+            return StreamEnd()  # The first event was the last ([DONE]).
         return await self.queue.get()
+
+    def has_ready(self) -> bool:
+        """Whether ``next_nowait`` has an event (or the end) without waiting."""
+        return self.first is not None or not self.queue.empty()
+
+    def next_nowait(self) -> bytes | StreamEnd:
+        assert self.has_ready(), "nothing has arrived yet"
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return self.queue.get_nowait()
 
     async def close(self) -> None:
         """Stop reading and drop the upstream connection, which cancels the upstream work."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.events.aclose()
         self.response.close()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -220,7 +220,7 @@ def _describe(error: aiohttp.ClientError) -> str:
     return type(error).__name__
 
 
-async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
     """Yield the data of each server-sent event (multi-line data joined by newlines).
 
     Comments and other fields are dropped: OpenAI streams carry everything in

@@ -87,4 +87,16 @@ def _stream_response(call: ChatCall) -> web.StreamResponse:
     }
     headers.update(call.response_headers)
     headers[SERVER_TIMING_HEADER] = call.server_timing()
-    return web.StreamResponse(headers=headers)
+    return EventStreamResponse(headers=headers)
+
+
+class EventStreamResponse(web.StreamResponse):
+    """A relayed event stream, whose headers leave with its first events in one write.
+
+    The response is prepared only once the upstream's first event is here, so
+    nothing waits for that write; a plain ``StreamResponse`` writes its headers
+    at ``prepare()``, one more write (and wake-up of the client) before the
+    first chunk. aiohttp's own ``Response`` buffers them the same way.
+    """
+
+    _send_headers_immediately = False
