@@ -4,10 +4,9 @@ Every chat call reads its session's revocation key and runs the token-bucket
 script. Sent one by one, each command costs a pool checkout, a write, a read and
 redis-py's bookkeeping, and under load that CPU is most of what Redis costs us.
 So the commands go through a ``RedisBatcher``: a command issued while no
-pipeline is in flight starts one two turns of the loop later, taking every
-command queued by then (the upstream request its call starts in the same step is
-written first, and Redis answers while the upstream works); commands issued
-while a pipeline is in flight go in the next one. Alone, a command waits for
+pipeline is in flight starts one at the loop's next turn, taking every command
+queued by then; commands issued while a pipeline is in flight go in the next
+one. Alone, a command waits for
 exactly one round trip; under load, a round trip carries everything that arrived
 during the previous one. This is group
 commit (``app.ledger.group_commit``) for Redis, as ioredis calls it
@@ -58,7 +57,6 @@ class RedisBatcher:
         self._sender: asyncio.Task[None] | None = None
         # The timer that sends lazy commands when no other command took them along.
         self._timer: asyncio.TimerHandle | None = None
-        self._start_soon = False
         # The pool connection the batcher writes on (None until needed, or after an
         # error), and the socket timeout it came with, restored when it goes back.
         self._connection: AbstractConnection | None = None
@@ -80,9 +78,7 @@ class RedisBatcher:
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((command, future))
         if within_s == 0:
-            if not self._start_soon:
-                self._start_soon = True
-                loop.call_soon(self._start)
+            self._start()
         elif self._sender is None and self._timer is None:
             self._timer = loop.call_later(within_s, self._on_timer)
         return future
@@ -92,7 +88,6 @@ class RedisBatcher:
         self._start()
 
     def _start(self) -> None:
-        self._start_soon = False
         if self._sender is None and self._queue:
             self._sender = asyncio.ensure_future(self._send())
 
