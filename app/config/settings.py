@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     commission_bps: int = Field(default=1000, ge=0, le=10_000)
     # Credit a new account gets before it must pay, in micro-USD.
     default_credit_limit_micros: int = Field(default=5_000_000, ge=0)
+    # A busy account's calls are admitted on credit a process reserved for many of
+    # them (a lease, app.ledger.leases) for this long; 0: every call takes its own hold.
+    credit_lease_s: float = Field(default=5.0, ge=0, le=60)
 
     @field_validator("log_level")
     @classmethod

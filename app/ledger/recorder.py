@@ -12,6 +12,12 @@ The request id is unique in ``usage_records``; a record whose id is already
 there is skipped and adds nothing to the usage, so a retried write never
 charges twice. A hold is subtracted only by the statement that deletes it, so
 a hold released twice (a retry, the expiry sweep) is subtracted once.
+
+A call admitted on a credit lease (``app.ledger.leases``) has no hold of its own:
+its record draws its total from the lease's hold, in the same statement, so the
+account's ``held_micros`` goes down by exactly what its ``usage_micros`` goes up.
+A draw never takes a lease below zero (an overrun takes what is left and says the
+lease fell short), and only an inserted record draws, so a retried write draws once.
 """
 
 from __future__ import annotations
@@ -55,19 +61,43 @@ _NAMES = ", ".join(name for name, _ in RECORD_COLUMNS)
 _ARRAYS = ", ".join(
     f"${position}::{kind}[]" for position, (_, kind) in enumerate(RECORD_COLUMNS, start=1)
 )
-_RELEASES = f"${len(RECORD_COLUMNS) + 1}::text[]"
+_NEXT = len(RECORD_COLUMNS) + 1
+_RELEASES = f"${_NEXT}::text[]"
+_DRAWING = f"${_NEXT + 1}::text[], ${_NEXT + 2}::text[]"
+_SHRINKS = f"${_NEXT + 3}::text[], ${_NEXT + 4}::bigint[]"
 # One statement, built once, one round trip: insert the batch (one array per column),
-# skip request ids already recorded, delete the holds of the batch's request ids (the
-# recorded ones and those released without a record), and move exactly the inserted
-# totals and the deleted holds on the accounts. A statement is atomic, so records,
-# holds and totals move together. An account is updated once per statement, so its
-# changes are summed first. It runs on the recorder's own connection.
+# skip request ids already recorded, draw the inserted totals (and the shrinks) from
+# their leases' holds, delete the holds of the batch's request ids (the recorded ones
+# and those released without a record), and move exactly the inserted totals, the
+# drawn amounts and the deleted holds on the accounts. A statement is atomic, so
+# records, holds and totals move together. An account is updated once per statement,
+# so its changes are summed first. It runs on the recorder's own connection, which
+# is the only writer of a lease's hold besides the expiry sweep (SKIP LOCKED).
 WRITE_BATCH = f"""
 WITH inserted AS (
     INSERT INTO {usage_records.name} ({_NAMES})
     SELECT * FROM unnest({_ARRAYS})
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, account_id, total_micros
+), draws AS (
+    SELECT lease_id, sum(amount)::bigint AS amount FROM (
+        SELECT drawing.lease_id, inserted.total_micros AS amount
+        FROM inserted
+        JOIN unnest({_DRAWING}) AS drawing(request_id, lease_id) USING (request_id)
+        UNION ALL
+        SELECT lease_id, amount FROM unnest({_SHRINKS}) AS shrink(lease_id, amount)
+    ) AS draw
+    GROUP BY lease_id
+), leased AS (
+    SELECT hold.request_id, least(hold.amount_micros, draws.amount) AS taken
+    FROM {holds.name} AS hold JOIN draws ON hold.request_id = draws.lease_id
+    FOR UPDATE OF hold
+), drawn AS (
+    UPDATE {holds.name} AS hold
+    SET amount_micros = hold.amount_micros - leased.taken
+    FROM leased
+    WHERE hold.request_id = leased.request_id
+    RETURNING hold.request_id, hold.account_id, leased.taken
 ), released AS (
     DELETE FROM {holds.name}
     WHERE request_id = ANY({_RELEASES})
@@ -77,6 +107,8 @@ WITH inserted AS (
         SELECT account_id, total_micros AS used, 0 AS freed FROM inserted
         UNION ALL
         SELECT account_id, 0, amount_micros FROM released
+        UNION ALL
+        SELECT account_id, 0, taken FROM drawn
     ) AS change
     GROUP BY account_id
 ), totals AS (
@@ -87,9 +119,11 @@ WITH inserted AS (
     WHERE account.id = changes.account_id
     RETURNING account.id
 )
-SELECT request_id, NULL::bigint AS released_micros FROM inserted
+SELECT 'recorded' AS kind, request_id, NULL::bigint AS amount FROM inserted
 UNION ALL
-SELECT request_id, amount_micros FROM released
+SELECT 'released', request_id, amount_micros FROM released
+UNION ALL
+SELECT 'drawn', request_id, taken FROM drawn
 """
 
 
@@ -116,13 +150,16 @@ class UsageEntry:
     usage_source: str
     latency_ms: int | None
     time_to_first_chunk_ms: int | None
+    # The credit lease the call was admitted on (its hold's id), if any: the record
+    # draws its total from it. Not a column.
+    lease_id: str | None = None
 
     def __post_init__(self) -> None:
         assert self.total_micros == self.base_cost_micros + self.commission_micros
         assert min(self.base_cost_micros, self.commission_micros) >= 0
 
     def row(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name, _ in RECORD_COLUMNS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +167,17 @@ class HoldRelease:
     """A call that produced nothing: its hold is released and nothing is recorded."""
 
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseShrink:
+    """Credit a lease gives back while calls on it are still in flight (it shrinks its hold)."""
+
+    lease_id: str
+    amount_micros: int
+
+    def __post_init__(self) -> None:
+        assert self.amount_micros > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +189,13 @@ class Written:
     # The amount of the hold this write deleted; None when the request had no open
     # hold (none was taken, it expired, or an earlier write released it).
     released_micros: int | None
+    # A draw on a lease (a leased record, a shrink) that did not take its whole amount:
+    # the lease's hold was smaller than its owner counted (an overrun, an expiry), or
+    # a leased record was already there. The owner stops using the lease.
+    lease_short: bool = False
 
 
-Write: TypeAlias = UsageEntry | HoldRelease
+Write: TypeAlias = UsageEntry | HoldRelease | LeaseShrink
 
 
 class UsageRecorder:
@@ -171,7 +223,7 @@ class UsageRecorder:
         await self.connection.close()
 
     async def record(self, entry: UsageEntry) -> Written:
-        """Write one record, release its request's hold, and wait for the commit.
+        """Write one record, resolve its request's hold (or draw on its lease), wait for the commit.
 
         Raises ``ServiceUnavailable`` when the database could not take it.
         """
@@ -190,24 +242,67 @@ class UsageRecorder:
             log.warning("hold of request %s left to expire: the ledger queue is full",
                         request_id)
 
+    async def shrink(self, lease_id: str, amount_micros: int) -> Written:
+        """Give back part of a lease's hold, and wait for the commit."""
+        return await self.writer.submit(LeaseShrink(lease_id, amount_micros))
+
+    def shrink_soon(self, lease_id: str, amount_micros: int) -> None:
+        """``shrink`` nobody waits for; when the queue is full the lease keeps it until released."""
+        if not self.writer.submit_nowait(LeaseShrink(lease_id, amount_micros)):
+            log.warning("lease %s not shrunk: the ledger queue is full", lease_id)
+
     async def _write_batch(self, batch: Sequence[Write]) -> list[Written]:
-        """One transaction: insert new records, delete holds, move the accounts' totals."""
+        """One transaction: insert new records, draw on leases, delete holds, move the totals."""
+        drawn_leases = {write.lease_id for write in batch
+                        if isinstance(write, LeaseShrink | UsageEntry) and write.lease_id}
+        releases = {write.request_id for write in batch if isinstance(write, HoldRelease)}
+        if releases & drawn_leases:
+            # A statement must not both update and delete one row: a lease released
+            # right after its last draw is deleted by a second statement.
+            later = [isinstance(write, HoldRelease) and write.request_id in drawn_leases
+                     for write in batch]
+            first = [write for write, wait in zip(batch, later, strict=True) if not wait]
+            second = [write for write, wait in zip(batch, later, strict=True) if wait]
+            done = dict(zip(map(id, first), await self._write_batch(first), strict=True))
+            done.update(zip(map(id, second), await self._write_batch(second), strict=True))
+            return [done[id(write)] for write in batch]
+        # A record deletes its request's own hold too (a leased call has none).
+        deletes = {write.request_id for write in batch if not isinstance(write, LeaseShrink)}
         entries = _unique(write for write in batch if isinstance(write, UsageEntry))
-        releases = sorted({write.request_id for write in batch})
         # Postgres does not promise the UPDATE locks accounts in input order, so two
         # processes writing the same accounts can deadlock; Postgres then aborts one
         # transaction, which is retried with nothing written.
         rows = sorted(entries, key=lambda entry: entry.account_id)
         arrays = [[getattr(entry, name) for entry in rows] for name, _ in RECORD_COLUMNS]
-        result = await self.connection.fetch(WRITE_BATCH, *arrays, releases)
-        inserted = {row["request_id"] for row in result if row["released_micros"] is None}
-        released = {row["request_id"]: int(row["released_micros"]) for row in result
-                    if row["released_micros"] is not None}
+        drawing = [(entry.request_id, entry.lease_id) for entry in rows if entry.lease_id]
+        shrinks = [write for write in batch if isinstance(write, LeaseShrink)]
+        result = await self.connection.fetch(
+            WRITE_BATCH, *arrays, sorted(deletes),
+            [request_id for request_id, _ in drawing], [lease for _, lease in drawing],
+            [shrink.lease_id for shrink in shrinks], [shrink.amount_micros for shrink in shrinks],
+        )
+        inserted = {row["request_id"] for row in result if row["kind"] == "recorded"}
+        released = {row["request_id"]: int(row["amount"]) for row in result
+                    if row["kind"] == "released"}
+        taken = {row["request_id"]: int(row["amount"]) for row in result
+                 if row["kind"] == "drawn"}
+        asked: dict[str, int] = {}
+        for entry in rows:
+            if entry.lease_id and entry.request_id in inserted:
+                asked[entry.lease_id] = asked.get(entry.lease_id, 0) + entry.total_micros
+        for shrink in shrinks:
+            asked[shrink.lease_id] = asked.get(shrink.lease_id, 0) + shrink.amount_micros
+        short = {lease for lease, amount in asked.items() if taken.get(lease, 0) < amount}
         self.records_written += len(inserted)
         written = []
         for write in batch:
+            if isinstance(write, LeaseShrink):
+                written.append(Written(False, None, write.lease_id in short))
+                continue
             recorded = isinstance(write, UsageEntry) and write.request_id in inserted
-            written.append(Written(recorded, released.pop(write.request_id, None)))
+            lease = write.lease_id if isinstance(write, UsageEntry) else None
+            lease_short = lease is not None and (not recorded or lease in short)
+            written.append(Written(recorded, released.pop(write.request_id, None), lease_short))
             # Only the first of two queued duplicates counts as inserted.
             inserted.discard(write.request_id)
         return written

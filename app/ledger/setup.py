@@ -3,6 +3,7 @@
     money.py      the unit (micro-USD), the rounding rules, pricing a usage
     balance.py    the balance rule: usage - paid + holds + max cost <= credit limit
     holds.py      a call's maximum cost and hold lifetime; the admission statement
+    leases.py     credit reserved once for many calls of a busy account
     recorder.py   usage records written and holds resolved together
     group_commit.py  one writer task per kind of write, one statement per batch
     connection.py the writers' own connections
@@ -22,6 +23,7 @@ from aiohttp import web
 from app.http.keys import DATABASE, METRICS, SETTINGS
 from app.ledger.expiry import HoldSweeper
 from app.ledger.holds import HoldTaker
+from app.ledger.leases import CreditLeases
 from app.ledger.recorder import UsageRecorder
 from app.ledger.stage import LedgerStage
 from app.proxy.pipeline import Stage
@@ -48,7 +50,13 @@ def setup_ledger(app: web.Application) -> Stage:
         stage.engine = engine
         stage.holds = holds
         stage.recorder = recorder
+        lease_s = app[SETTINGS].credit_lease_s
+        stage.leases = CreditLeases(holds, recorder, lease_s) if lease_s > 0 else None
         yield
+        if stage.leases is not None:
+            # After in-flight calls settled (on_shutdown): releases are queued for the
+            # recorder, which writes them before it stops.
+            await stage.leases.retire_all()
         await sweeper.stop()
         await holds.stop()
         # Shutdown waits for in-flight settlements first (on_shutdown), so the queue

@@ -1,7 +1,9 @@
 """The ledger stage: a hold before forwarding, a usage record (or a release) after.
 
 ``admit`` reserves the call's maximum cost on its account, atomically with the
-balance rule (``app.ledger.holds``), or refuses with 402. When the account's last
+balance rule (``app.ledger.holds``), or refuses with 402. A busy account's calls
+are admitted on a credit lease instead (``app.ledger.leases``): credit this process
+reserved for many calls, spent without a round trip. When the account's last
 hold here left room for this one, the hold is deferred (``ChatCall.defer``): it is
 taken while the upstream is asked, and nothing reaches the client before it is.
 ``settle`` prices the outcome and writes its usage record, which resolves the
@@ -23,6 +25,7 @@ from app.errors import ApiError, ServiceUnavailable
 from app.http.metrics import Metrics
 from app.ledger.balance import AccountBalance, read_balance
 from app.ledger.holds import HoldRequest, HoldTaker, Taken, hold_lifetime_s, max_cost_micros
+from app.ledger.leases import CreditLeases, LeaseUse
 from app.ledger.money import COST_UNIT, Cost, price_usage
 from app.ledger.recorder import UsageEntry, UsageRecorder, Written
 from app.proxy.pipeline import ChatCall
@@ -61,6 +64,7 @@ class LedgerStage:
         self.engine: AsyncEngine | None = None
         self.holds: HoldTaker | None = None
         self.recorder: UsageRecorder | None = None
+        self.leases: CreditLeases | None = None
         # Per account: the credit its last hold here left, less the holds admitted
         # here since; known only while the last answer was a hold taken.
         self._room: dict[int, int] = {}
@@ -71,7 +75,13 @@ class LedgerStage:
             return  # Only before authentication exists; see app.limits.stage.
         account_id = principal.account_id
         amount = max_cost_micros(call, self.commission_bps)
-        hold = self._hold(call, account_id, amount, hold_lifetime_s(call.plan))
+        lifetime_s = hold_lifetime_s(call.plan)
+        if self.leases is not None:
+            use = self.leases.use(account_id, amount, lifetime_s)
+            if use is not None:
+                call.notes[self.name] = use
+                return
+        hold = self._hold(call, account_id, amount, lifetime_s)
         room = self._room.get(account_id)
         if room is None or room < amount:
             # Unknown, or refused or short last time: no upstream request is started
@@ -93,7 +103,12 @@ class LedgerStage:
             if taken is not None:
                 call.notes[self.name] = amount
                 self._remember(account_id, taken.room_micros)
+                if self.leases is not None and taken.room_micros is not None:
+                    # The account's next calls may share a lease taken meanwhile.
+                    self.leases.offer(account_id, amount, lifetime_s, taken.room_micros)
                 return
+            if self.leases is not None and await self.leases.give_back(account_id):
+                continue  # This process's own lease held the credit: try again without it.
             balance = await self._balance(account_id)
             if not balance.admits(amount):
                 break
@@ -110,8 +125,12 @@ class LedgerStage:
         self._room[account_id] = room_micros
 
     async def settle(self, call: ChatCall) -> None:
-        hold = call.notes.get(self.name)
-        assert hold is None or isinstance(hold, int), "ledger notes hold the held amount"
+        note = call.notes.get(self.name)
+        if isinstance(note, LeaseUse):
+            await self._settle_on_lease(call, note)
+            return
+        assert note is None or isinstance(note, int), "ledger notes hold the held amount"
+        hold = note
         outcome = call.outcome
         usage = outcome.usage
         if usage is None or outcome.candidate is None or call.principal is None:
@@ -120,12 +139,47 @@ class LedgerStage:
                 await self._release(call)
             return
         assert self.recorder is not None, "ledger used before startup"
-        candidate = outcome.candidate
-        cost = price_usage(candidate.model.price, usage, self.commission_bps)
-        entry = UsageEntry(
+        cost = self._cost(call)
+        written = await self.recorder.record(self._entry(call, cost, lease_id=None))
+        if hold is not None:
+            _check_hold(call, hold, cost, written)
+        self._charged(call, cost, written)
+
+    async def _settle_on_lease(self, call: ChatCall, use: LeaseUse) -> None:
+        """Record the call's usage as a draw on its lease (nothing to write if there is none)."""
+        assert self.leases is not None and self.recorder is not None, "used before startup"
+        outcome = call.outcome
+        drawn: int | None = None
+        try:
+            if outcome.usage is None or outcome.candidate is None:
+                drawn = 0
+                return
+            cost = self._cost(call)
+            entry = self._entry(call, cost, lease_id=use.lease.hold_id)
+            written = await self.recorder.record(entry)
+            if cost.total_micros > use.reserved_micros:
+                log.error("request %s cost %d micro-USD, more than the %d reserved for it; "
+                          "recorded anyway", call.request_id, cost.total_micros,
+                          use.reserved_micros)
+            if not written.lease_short:
+                drawn = cost.total_micros
+            self._charged(call, cost, written)
+        finally:
+            self.leases.settled(use, drawn)
+
+    def _cost(self, call: ChatCall) -> Cost:
+        candidate, usage = call.outcome.candidate, call.outcome.usage
+        assert candidate is not None and usage is not None
+        return price_usage(candidate.model.price, usage, self.commission_bps)
+
+    def _entry(self, call: ChatCall, cost: Cost, lease_id: str | None) -> UsageEntry:
+        outcome = call.outcome
+        candidate, usage, principal = outcome.candidate, outcome.usage, call.principal
+        assert candidate is not None and usage is not None and principal is not None
+        return UsageEntry(
             request_id=call.request_id,
-            account_id=call.principal.account_id,
-            session_jti=call.principal.session_jti,
+            account_id=principal.account_id,
+            session_jti=principal.session_jti,
             public_model=candidate.model.id,
             provider=candidate.route.provider.name,
             upstream_model=candidate.route.upstream_model,
@@ -142,10 +196,13 @@ class LedgerStage:
             usage_source=usage.source,
             latency_ms=_ms(outcome.latency_s),
             time_to_first_chunk_ms=_ms(outcome.time_to_first_chunk_s),
+            lease_id=lease_id,
         )
-        written = await self.recorder.record(entry)
-        if hold is not None:
-            _check_hold(call, hold, cost, written)
+
+    def _charged(self, call: ChatCall, cost: Cost, written: Written) -> None:
+        """What the answer says of a record once written."""
+        candidate = call.outcome.candidate
+        assert candidate is not None
         if not written.recorded:
             log.error("usage of request %s was already recorded; not charged twice",
                       call.request_id)

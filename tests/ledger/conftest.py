@@ -7,9 +7,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.http.keys import PIPELINE
+from app.ledger.stage import LedgerStage
 from app.storage.database import create_engine
 from app.storage.tables import accounts, holds, usage_records
 from tests.identity.wallets import authorize, bearer
@@ -83,3 +86,18 @@ async def recorded(engine: AsyncEngine, account_id: int) -> dict[str, Any]:
             select(usage_records).where(usage_records.c.account_id == account_id)
         )).mappings().all()
     return {row["request_id"]: row for row in rows}
+
+
+def ledger_stage(app: web.Application) -> LedgerStage:
+    (stage,) = [stage for stage in app[PIPELINE].stages if stage.name == "ledger"]
+    assert isinstance(stage, LedgerStage)
+    return stage
+
+
+async def retire_leases(app: web.Application) -> None:
+    """Retire a Tollgate's credit leases now (not after their time) and wait for the writes."""
+    stage = ledger_stage(app)
+    if stage.leases is not None:
+        await stage.leases.retire_all()
+    assert stage.recorder is not None
+    await stage.recorder.writer.queue.join()

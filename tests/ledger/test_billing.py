@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.storage.tables import usage_records
 from tests.conftest import MockUpstream, RunningTollgate
 from tests.identity.wallets import authorize, bearer
+from tests.ledger.conftest import retire_leases
 
 HELLO = [{"role": "user", "content": "Hello"}]
 # test-model: $1 per 1M input, $2 per 1M output, $0.50 cached; commission 10%.
@@ -80,6 +81,8 @@ async def test_every_completed_request_has_exactly_one_record(account: Account) 
         assert usage.model_extra["cost"]["total_cost"] == base + commission  # type: ignore[index]
         assert raw.headers["x-tollgate-cost"] == str(base + commission)
         total += base + commission
+    # A lease this burst started holds credit until it is retired (5 s, or now).
+    await retire_leases(account.tollgate.app)
     me = await account.get("/account")
     assert me["usage"] == me["balance"] == total and me["open_holds"] == 0
     assert me["totals"]["requests"] == 40 and me["totals"]["total_cost"] == total
