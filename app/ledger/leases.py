@@ -47,8 +47,11 @@ from app.ledger.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
 
-# A lease is taken for this many calls of the size of the call that asked for it...
+# A lease is taken for this many calls of the size of the call that asked for it
+# (at first; an account that exhausts its lease before its time gets one twice as
+# large next, up to the maximum, and one that used less than half gets half)...
 LEASE_CALLS = 32
+LEASE_CALLS_MAX = 4096
 # ...at most this share of the room the account had (1/4)...
 LEASE_ROOM_SHARE = 4
 # ...and only when the room holds at least this many such calls.
@@ -74,6 +77,9 @@ class Lease:
     reserved_micros: int = 0
     given_back_micros: int = 0
     calls_in_flight: int = 0
+    calls_admitted: int = 0
+    # The number of calls of its first call's size it was taken for.
+    calls_planned: int = LEASE_CALLS
     retired: bool = False
 
     @property
@@ -95,11 +101,13 @@ class LeaseUse:
     reserved_micros: int
 
 
-def lease_size_micros(amount_micros: int, room_micros: int) -> int | None:
-    """How much to lease for calls of ``amount_micros`` given the account's room; None: don't."""
+def lease_size_micros(amount_micros: int, room_micros: int, calls: int = LEASE_CALLS
+                      ) -> int | None:
+    """How much to lease for ``calls`` calls of ``amount_micros`` given the account's room;
+    None: don't."""
     if amount_micros <= 0 or room_micros < LEASE_MIN_CALLS * amount_micros:
         return None
-    return min(room_micros // LEASE_ROOM_SHARE, LEASE_CALLS * amount_micros)
+    return min(room_micros // LEASE_ROOM_SHARE, calls * amount_micros)
 
 
 class CreditLeases:
@@ -114,8 +122,13 @@ class CreditLeases:
         self._taking: dict[int, asyncio.Task[None]] = {}
         # When each account last took a hold of its own here (see ``offer``).
         self._held_at: dict[int, float] = {}
+        # Per account: the calls its next lease is for, when not LEASE_CALLS.
+        self._scale: dict[int, int] = {}
         self.leases_asked = 0
         self.leases_taken = 0
+
+    def open_lease(self, account_id: int) -> Lease | None:
+        return self._open.get(account_id)
 
     def use(self, account_id: int, amount_micros: int, lifetime_s: float) -> LeaseUse | None:
         """Admit a call on the account's open lease, if it has room; None: it has none."""
@@ -124,11 +137,18 @@ class CreditLeases:
             return None
         now = asyncio.get_running_loop().time()
         if not lease.admits(amount_micros, lifetime_s, now):
-            if now >= lease.admits_until or lease.available_micros < amount_micros:
+            if now >= lease.admits_until:
+                self._expire(lease)
+            elif lease.available_micros < amount_micros:
+                # Spent before its time: the next lease is larger, and is taken on
+                # the next hold (the account is busy).
+                self._scale[account_id] = min(2 * lease.calls_planned, LEASE_CALLS_MAX)
+                self._held_at[account_id] = now
                 self._retire(lease)
             return None
         lease.reserved_micros += amount_micros
         lease.calls_in_flight += 1
+        lease.calls_admitted += 1
         return LeaseUse(lease, amount_micros)
 
     def offer(self, account_id: int, amount_micros: int, lifetime_s: int,
@@ -142,15 +162,18 @@ class CreditLeases:
         now = asyncio.get_running_loop().time()
         previous = self._held_at.get(account_id)
         if len(self._held_at) >= BUSY_ACCOUNTS_MAX and previous is None:
-            self._held_at.clear()  # Simple bound: forgetting costs one more hold.
+            # Simple bound: forgetting costs one more hold, or a smaller lease.
+            self._held_at.clear()
+            self._scale.clear()
         self._held_at[account_id] = now
         if previous is None or now - previous >= self.lease_s:
             return
-        size = lease_size_micros(amount_micros, room_micros)
+        calls = self._scale.get(account_id, LEASE_CALLS)
+        size = lease_size_micros(amount_micros, room_micros, calls)
         if size is None or account_id in self._taking or account_id in self._open:
             return
         self.leases_asked += 1
-        task = asyncio.ensure_future(self._take(account_id, size, lifetime_s))
+        task = asyncio.ensure_future(self._take(account_id, size, calls, lifetime_s))
         self._taking[account_id] = task
         task.add_done_callback(lambda _: self._taking.pop(account_id, None))
 
@@ -158,7 +181,8 @@ class CreditLeases:
         """Wait until every lease being taken is taken or refused."""
         await asyncio.gather(*self._taking.values(), return_exceptions=True)
 
-    async def _take(self, account_id: int, size: int, call_lifetime_s: int) -> None:
+    async def _take(self, account_id: int, size: int, calls: int, call_lifetime_s: int
+                    ) -> None:
         hold_id = f"{LEASE_ID_PREFIX}{uuid.uuid4().hex}"
         # The hold outlives the last call it may admit (one starting as admission ends).
         lifetime_s = int(self.lease_s) + 1 + call_lifetime_s
@@ -174,13 +198,13 @@ class CreditLeases:
         if taken is None:
             return  # The room went to other calls meanwhile.
         lease = Lease(hold_id, account_id, size, admits_until=started + self.lease_s,
-                      expires=started + lifetime_s)
+                      expires=started + lifetime_s, calls_planned=calls)
         self.leases_taken += 1
         previous = self._open.get(account_id)
         if previous is not None:
             self._retire(previous)
         self._open[account_id] = lease
-        loop.call_at(lease.admits_until, self._retire, lease)
+        loop.call_at(lease.admits_until, self._expire, lease)
 
     def settled(self, use: LeaseUse, drawn_micros: int | None) -> None:
         """A call on the lease is over: it drew ``drawn_micros`` (None: the draw fell short)."""
@@ -212,6 +236,16 @@ class CreditLeases:
         elif lease.calls_in_flight == 0:
             await self.recorder.release(lease.hold_id)
         return True
+
+    def _expire(self, lease: Lease) -> None:
+        """The lease's time is up (its timer)."""
+        if not lease.retired and lease.calls_admitted < lease.calls_planned // 2:
+            calls = max(lease.calls_planned // 2, LEASE_CALLS)
+            if calls == LEASE_CALLS:
+                self._scale.pop(lease.account_id, None)
+            else:
+                self._scale[lease.account_id] = calls
+        self._retire(lease)
 
     def _retire(self, lease: Lease, now: bool = True) -> int:
         """No more calls on the lease; give back its spare credit (sent now unless told not).

@@ -316,10 +316,12 @@ class Pipeline:
         refusal: ApiError | None = None
         started_s = time.perf_counter()
         for stage in reversed(call.admitted):
+            stage_started_s = time.perf_counter()
             try:
                 await stage.settle(call)
             except ApiError as error:
                 refusal = refusal or error
+            call.timed(f"settle-{stage.name}", stage_started_s)
         call.timed("settle", started_s)
         if refusal is not None:
             raise refusal

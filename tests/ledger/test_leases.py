@@ -236,3 +236,29 @@ async def test_with_leases_off_every_call_takes_its_own_hold(
         await assert_settled(engine, payer.account_id)
     finally:
         await running.runner.cleanup()
+
+
+async def test_a_lease_spent_before_its_time_is_followed_by_a_larger_one(
+    tollgate: RunningTollgate, engine: AsyncEngine
+) -> None:
+    payer = await sign_in(tollgate.url)
+    leases = ledger_stage(tollgate.app).leases
+    assert leases is not None
+    await _busy(tollgate, payer, 2)
+    first = leases.open_lease(payer.account_id)
+    assert first is not None and first.amount_micros == 32 * HOLD_MICROS
+    # One call at a time: each reserves 120 and draws 45, so 83 calls fit in 3,840
+    # (after 82, 150 are left); the 84th finds 105.
+    async with aiohttp.ClientSession() as http:
+        for index in range(84):
+            assert (await post(http, tollgate.v1, payer, numbered(index)))[0] == 200
+            if first.retired:
+                break
+        assert first.retired and first.calls_admitted == 83
+        # The call that found it spent took a hold of its own, and asked for a lease
+        # for twice as many calls.
+        await leases.offers_answered()
+    second = leases.open_lease(payer.account_id)
+    assert second is not None and second.amount_micros == 64 * HOLD_MICROS
+    row = await assert_settled(engine, payer.account_id, tollgate)
+    assert row["usage_micros"] == (2 + 84) * COST_MICROS
