@@ -39,11 +39,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from app.errors import ServiceUnavailable
 from app.ledger.holds import HoldRequest, HoldTaker
-from app.ledger.recorder import UsageRecorder
+from app.ledger.recorder import UsageRecorder, Written
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ class CreditLeases:
         self.lease_s = lease_s
         self._open: dict[int, Lease] = {}
         self._taking: dict[int, asyncio.Task[None]] = {}
+        # Per account: writes giving a retired lease's credit back, until committed.
+        self._returning: dict[int, set[asyncio.Task[Written]]] = {}
         # When each account last took a hold of its own here (see ``offer``).
         self._held_at: dict[int, float] = {}
         # Per account: the calls its next lease is for, when not LEASE_CALLS.
@@ -221,20 +225,21 @@ class CreditLeases:
             self._release(lease)
 
     async def give_back(self, account_id: int) -> bool:
-        """Retire the account's lease and wait until its spare credit is back; False: none."""
-        lease = self._open.get(account_id)
+        """Retire the account's lease and wait until its spare credit is back in the account.
+
+        False: this process held no spare credit of the account's (nothing changed).
+        """
         taking = self._taking.get(account_id)
         if taking is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(taking)
-            lease = self._open.get(account_id)
-        if lease is None:
-            return False
-        spare = self._retire(lease, now=False)
-        if spare and lease.calls_in_flight:
-            await self.recorder.shrink(lease.hold_id, spare)
-        elif lease.calls_in_flight == 0:
-            await self.recorder.release(lease.hold_id)
+        lease = self._open.get(account_id)
+        if lease is not None:
+            self._retire(lease)
+        returning = self._returning.get(account_id)
+        if not returning:
+            return lease is not None
+        await asyncio.gather(*returning, return_exceptions=True)
         return True
 
     def _expire(self, lease: Lease) -> None:
@@ -247,30 +252,40 @@ class CreditLeases:
                 self._scale[lease.account_id] = calls
         self._retire(lease)
 
-    def _retire(self, lease: Lease, now: bool = True) -> int:
-        """No more calls on the lease; give back its spare credit (sent now unless told not).
-
-        Returns the spare credit given back by a shrink (0 when the lease is released
-        outright, having no call in flight).
-        """
+    def _retire(self, lease: Lease) -> None:
+        """No more calls on the lease: give back what its calls in flight cannot use."""
         if lease.retired:
-            return 0
+            return
         lease.retired = True
         if self._open.get(lease.account_id) is lease:
             del self._open[lease.account_id]
         if lease.calls_in_flight == 0:
-            if now:
-                self._release(lease)
-            return 0
+            self._release(lease)
+            return
         spare = lease.available_micros
         if spare > 0:
             lease.given_back_micros += spare
-            if now:
-                self.recorder.shrink_soon(lease.hold_id, spare)
-        return spare
+            self._return(lease, self.recorder.shrink(lease.hold_id, spare))
 
     def _release(self, lease: Lease) -> None:
-        self.recorder.release_soon(lease.hold_id)
+        self._return(lease, self.recorder.release(lease.hold_id))
+
+    def _return(self, lease: Lease, write: Coroutine[Any, Any, Written]) -> None:
+        """Send a write giving credit back; ``give_back`` can wait for it."""
+        task = asyncio.ensure_future(write)
+        returning = self._returning.setdefault(lease.account_id, set())
+        returning.add(task)
+
+        def done(task: asyncio.Task[Written]) -> None:
+            returning.discard(task)
+            if not returning and self._returning.get(lease.account_id) is returning:
+                del self._returning[lease.account_id]
+            if not task.cancelled() and task.exception() is not None:
+                # Left to expire with its hold; the account only waits longer for it.
+                log.warning("lease %s: credit not given back: %s", lease.hold_id,
+                            task.exception())
+
+        task.add_done_callback(done)
 
     async def retire_all(self) -> None:
         """Retire every lease now (at shutdown): each is released once its calls settled."""
@@ -280,3 +295,5 @@ class CreditLeases:
                 await task
         for lease in list(self._open.values()):
             self._retire(lease)
+        for returning in list(self._returning.values()):
+            await asyncio.gather(*returning, return_exceptions=True)

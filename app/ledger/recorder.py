@@ -246,11 +246,6 @@ class UsageRecorder:
         """Give back part of a lease's hold, and wait for the commit."""
         return await self.writer.submit(LeaseShrink(lease_id, amount_micros))
 
-    def shrink_soon(self, lease_id: str, amount_micros: int) -> None:
-        """``shrink`` nobody waits for; when the queue is full the lease keeps it until released."""
-        if not self.writer.submit_nowait(LeaseShrink(lease_id, amount_micros)):
-            log.warning("lease %s not shrunk: the ledger queue is full", lease_id)
-
     async def _write_batch(self, batch: Sequence[Write]) -> list[Written]:
         """One transaction: insert new records, draw on leases, delete holds, move the totals."""
         drawn_leases = {write.lease_id for write in batch
