@@ -4,8 +4,13 @@ Every authenticated request needs its account's status and rate-limit overrides;
 reading Postgres each time would put a query on the hot path. A row is reused
 for at most ``CACHE_TTL_S`` (2 s), so suspending an account or changing its
 overrides takes effect within 2 s everywhere. Revocation is never decided from
-this cache alone: Redis is asked on every request, and when Redis cannot answer
-the row is read fresh from Postgres.
+this cache alone: a cached row is trusted only while the revocation feed
+(``app.identity.revocation_feed``) is connected, which drops a revoked session's
+row the moment Redis delivers its revocation; otherwise Redis is asked on every
+request, and when Redis cannot answer the row is read fresh from Postgres.
+
+Every drop advances ``generation``; a row loaded before a drop (a reload racing
+a revocation) is not put back (``put(row, generation)``).
 
 A row older than ``REFRESH_AFTER_S`` is still served, and the caller reloads it in
 the background (``Lookup.refresh``): an account in steady use never waits for
@@ -50,6 +55,7 @@ class SessionAccountCache:
         self.entries_max = entries_max
         self.clock = clock
         self._entries: dict[str, tuple[float, SessionAccount]] = {}
+        self.generation = 0
 
     def lookup(self, jti: str) -> Lookup:
         entry = self._entries.get(jti)
@@ -65,7 +71,10 @@ class SessionAccountCache:
     def get(self, jti: str) -> SessionAccount | None:
         return self.lookup(jti).row
 
-    def put(self, row: SessionAccount) -> None:
+    def put(self, row: SessionAccount, generation: int) -> None:
+        """Cache a row read while ``generation`` was current (else it may be stale: skip)."""
+        if generation != self.generation:
+            return
         # Re-inserting moves the entry to the end, so insertion order is load order.
         self._entries.pop(row.jti, None)
         while len(self._entries) >= self.entries_max:
@@ -74,6 +83,11 @@ class SessionAccountCache:
 
     def drop(self, jti: str) -> None:
         self._entries.pop(jti, None)
+        self.generation += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.generation += 1
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -31,6 +31,10 @@ PIPELINE_COMMANDS_MAX = 500
 OUTAGE_LOG_INTERVAL_S = 10.0
 
 
+# Every revoked jti is published here too (app.identity.revocation_feed).
+REVOCATIONS_CHANNEL = b"tg:revocations"
+
+
 def revoked_key(jti: str) -> str:
     return f"tg:session:{{{jti}}}:revoked"
 
@@ -79,6 +83,9 @@ class RevocationList:
                     for session in revoked[start:start + PIPELINE_COMMANDS_MAX]:
                         ttl_s = max(1, session.expires_at_s + self.leeway_s - now_s)
                         pipeline.set(revoked_key(session.jti), now_s, ex=ttl_s)
+                        # After the key: a process that hears it and reads at once
+                        # finds the key (app.identity.revocation_feed).
+                        pipeline.publish(REVOCATIONS_CHANNEL, session.jti)
                     await pipeline.execute()
         except REDIS_ERRORS as error:
             log.error("revocation of %d session(s) not published to Redis (%s); instances"

@@ -3,7 +3,8 @@
 Authenticating a request costs: one local JWT verification, one Redis GET (is
 the session revoked?), and the session's account row from a 2 s in-process
 cache (Postgres on a miss; a row over 1 s old is reloaded in the background).
-When Redis cannot answer, Postgres decides.
+When Redis cannot answer, Postgres decides. A chat call whose row is cached skips
+the GET while the revocation feed is live (``app.identity.revocation_feed``).
 
 A session that depends on a session key's on-chain policy (``session_key_bound``:
 opened on a deployed TollgateAccount) also needs that policy to be live, judged
@@ -30,6 +31,7 @@ from app.errors import PermissionDenied, ServiceUnavailable
 from app.identity.account_cache import SessionAccountCache
 from app.identity.authorization import Authorization, check_authorization
 from app.identity.principal import Principal
+from app.identity.revocation_feed import RevocationFeed
 from app.identity.revocation_list import RevocationList
 from app.identity.session_policy import (
     PolicyFault,
@@ -95,6 +97,7 @@ class Sessions:
         self, settings: Settings, *, codec: TokenCodec, store: SessionStore,
         revocations: RevocationList, cache: SessionAccountCache,
         verifier: AuthorizationVerifier, policies: SessionPolicies | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -104,6 +107,8 @@ class Sessions:
         self.verifier = verifier
         # None: no chain, so no session can depend on a session-key policy here.
         self.policies = policies
+        # While live, it drops revoked sessions' rows as they are revoked anywhere.
+        self.feed = feed
         # Background reloads of aging cache rows, one per session at a time.
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
@@ -135,9 +140,11 @@ class Sessions:
 
     async def authenticate_early(self, token: str) -> Early:
         """``authenticate``, except that a session whose row is cached (it passed a full
-        check moments ago) is let through while Redis says whether it was revoked since.
+        check moments ago) is let through at once: while the revocation feed is live
+        the row is proof enough (a revocation would have dropped it); otherwise Redis
+        is asked meanwhile whether it was revoked since.
 
-        The caller must ``confirm`` the returned check before anything is served. A
+        The caller must ``confirm`` a returned check before anything is served. A
         revocation found that way forgets the row, so the session's next request is
         checked in full first: a revoked token costs at most one overlapped call.
         """
@@ -145,7 +152,9 @@ class Sessions:
         cached = self.cache.lookup(claims.jti)
         if cached.row is None:
             return Early(await self._authenticate(claims), None)
-        check = RevocationCheck(claims.jti, self.revocations.ask(claims.jti))
+        check = None
+        if self.feed is None or not self.feed.live:
+            check = RevocationCheck(claims.jti, self.revocations.ask(claims.jti))
         if cached.refresh:
             self._refresh_soon(claims.jti)
         return Early(await self._principal(claims, cached.row), check)
@@ -158,10 +167,11 @@ class Sessions:
             raise token_refused("the session was revoked", "token_revoked")
         if revoked is None:
             # Redis could not answer: Postgres is the truth, as in ``authenticate``.
+            generation = self.cache.generation
             row = await self.store.load(check.jti)
             if row is None:
                 raise token_refused("the session does not exist", "unknown_session")
-            self.cache.put(row)
+            self.cache.put(row, generation)
             if row.revoked:
                 raise token_refused("the session was revoked", "token_revoked")
             if row.account.status != "active":
@@ -179,10 +189,11 @@ class Sessions:
             if cached.refresh:
                 self._refresh_soon(claims.jti)
         if row is None:
+            generation = self.cache.generation
             row = await self.store.load(claims.jti)
             if row is None:
                 raise token_refused("the session does not exist", "unknown_session")
-            self.cache.put(row)
+            self.cache.put(row, generation)
         return await self._principal(claims, row)
 
     async def _principal(self, claims: SessionClaims, row: SessionAccount) -> Principal:
@@ -213,6 +224,7 @@ class Sessions:
             # Not now: the request that found the row aging is still before its first
             # byte, and a reload then competes with it for the loop and the database.
             await asyncio.sleep(RELOAD_DELAY_S)
+            generation = self.cache.generation
             row = await self.store.load(jti)
         except Exception as error:  # The row still expires at its TTL.
             log.debug("cached session row not reloaded: %s", error)
@@ -220,7 +232,7 @@ class Sessions:
             if row is None:
                 self.cache.drop(jti)
             else:
-                self.cache.put(row)
+                self.cache.put(row, generation)
         finally:
             del self._refreshing[jti]
 

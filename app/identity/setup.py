@@ -14,6 +14,7 @@ from app.http.keys import CHAIN, DATABASE, REDIS, REDIS_BATCHER, SETTINGS
 from app.identity.account_cache import SessionAccountCache
 from app.identity.authenticate import IdentityStage
 from app.identity.chain_verifier import ChainVerifier
+from app.identity.revocation_feed import RevocationFeed
 from app.identity.revocation_list import RevocationList
 from app.identity.routes import add_routes
 from app.identity.session_policy import SessionPolicies, chain_policy_reader
@@ -49,6 +50,8 @@ def _sessions(chain: ChainConfig | None) -> Callable[[web.Application], AsyncIte
         if chain is not None:
             policies = _policies(app, chain, settings)
             verifier = _chain_verifier(app, chain, policies, settings)
+        cache = SessionAccountCache()
+        feed = RevocationFeed(app[REDIS], cache)
         app[SESSIONS] = Sessions(
             settings,
             codec=TokenCodec(keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
@@ -56,11 +59,14 @@ def _sessions(chain: ChainConfig | None) -> Callable[[web.Application], AsyncIte
             store=SessionStore(app[DATABASE]),
             revocations=RevocationList(app[REDIS], leeway_s=leeway_s,
                                        batcher=app[REDIS_BATCHER]),
-            cache=SessionAccountCache(),
+            cache=cache,
             verifier=verifier,
             policies=policies,
+            feed=feed,
         )
+        feed.start()
         yield
+        await feed.stop()
         await app[SESSIONS].close()
 
     return context

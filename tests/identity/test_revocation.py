@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -232,31 +233,116 @@ async def test_without_redis_postgres_decides(
         await blind.runner.cleanup()
 
 
-async def test_a_session_revoked_elsewhere_costs_at_most_one_cancelled_upstream_call(
+SLOW = {"model": "test-model", "messages": [{"role": "user", "content": "Hello"}],
+        "provider": {"only": ["mock"]}, "mock": {"latency_ms": 3000}}
+
+
+async def mock_stats(http: aiohttp.ClientSession, mock_upstream: MockUpstream) -> Any:
+    async with http.get(f"{mock_upstream.root}/mock/stats") as response:
+        return await response.json()
+
+
+async def test_a_session_revoked_elsewhere_is_refused_before_anything_is_forwarded(
     http: aiohttp.ClientSession, tollgate: RunningTollgate, second: RunningTollgate,
     mock_upstream: MockUpstream,
 ) -> None:
-    """A session seen moments ago is let in while Redis is asked (authenticate_early):
-    the revocation still wins, cancels the upstream request, and the session's next
-    request is checked in full before anything is forwarded."""
+    """The revocation feed dropped the cached row: the next request is checked in full."""
+    feed = tollgate.app[SESSIONS].feed
+    assert feed is not None
+    await feed.wait_live()
     issued = await authorize(http, tollgate.url)
     token = issued["token"]
     status, body, _ = await chat(http, tollgate, bearer(token))
     assert status == 200, body  # Its row is now cached here.
+    assert tollgate.app[SESSIONS].cache.get(issued["sessionId"]) is not None
+    heard = feed.revocations_heard
     status, answer = await delete(http, f"{second.url}/v1/authorize", token)
     assert status == 200, answer
-    slow = {"model": "test-model", "messages": [{"role": "user", "content": "Hello"}],
-            "provider": {"only": ["mock"]}, "mock": {"latency_ms": 3000}}
-    async with http.get(f"{mock_upstream.root}/mock/stats") as response:
-        before = await response.json()
-    for attempt in range(2):
-        async with http.post(f"{tollgate.v1}/chat/completions", json=slow,
-                             headers=bearer(token)) as response:
-            assert_token_refused(response.status, await response.json(), response.headers,
-                                 "token_revoked")
-        async with http.get(f"{mock_upstream.root}/mock/wait", params={
-                "requests": before["requests"] + 1, "cancelled": before["cancelled"] + 1,
-                "timeout_s": 5}) as waited:
-            assert waited.status == 200, "the overlapped upstream call was cancelled"
-            seen = await waited.json()
-        assert seen["requests"] == before["requests"] + 1, f"attempt {attempt}: asked once"
+    # Redis sends the message before it answers the PUBLISH; in one process the feed
+    # has read it by now, and across processes within its delivery time.
+    assert feed.revocations_heard == heard + 1
+    assert tollgate.app[SESSIONS].cache.get(issued["sessionId"]) is None
+    before = await mock_stats(http, mock_upstream)
+    async with http.post(f"{tollgate.v1}/chat/completions", json=SLOW,
+                         headers=bearer(token)) as response:
+        assert_token_refused(response.status, await response.json(), response.headers,
+                             "token_revoked")
+    assert (await mock_stats(http, mock_upstream))["requests"] == before["requests"]
+
+
+async def test_a_warm_session_is_admitted_without_redis_while_the_feed_is_live(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate
+) -> None:
+    feed = tollgate.app[SESSIONS].feed
+    assert feed is not None
+    await feed.wait_live()
+    issued = await authorize(http, tollgate.url)
+    status, body, _ = await chat(http, tollgate, bearer(issued["token"]))
+    assert status == 200, body
+    revocations = tollgate.app[SESSIONS].revocations
+    asked: list[str] = []
+    original = revocations.ask
+    revocations.ask = lambda jti: asked.append(jti) or original(jti)  # type: ignore[method-assign]
+    try:
+        status, body, _ = await chat(http, tollgate, bearer(issued["token"]))
+        assert status == 200, body
+        assert asked == [], "a cached row and a live feed: Redis is not asked"
+        await feed.stop()
+        status, body, _ = await chat(http, tollgate, bearer(issued["token"]))
+        assert status == 200, body
+        assert asked == [issued["sessionId"]], "without the feed every request asks Redis"
+    finally:
+        del revocations.ask
+        feed.start()
+        await feed.wait_live()
+
+
+async def test_a_broken_feed_reconnects_and_trusts_nothing_cached_across_the_gap(
+    tollgate: RunningTollgate, redis_url: str
+) -> None:
+    sessions = tollgate.app[SESSIONS]
+    feed = sessions.feed
+    assert feed is not None
+    await feed.wait_live()
+    subscriptions, generation = feed.subscriptions, sessions.cache.generation
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    finally:
+        await client.aclose()
+    await asyncio.wait_for(feed.wait_live(subscriptions + 1), 10)
+    assert feed.live and sessions.cache.generation > generation, "the cache was cleared"
+
+
+async def test_while_the_feed_is_down_a_revoked_session_costs_at_most_one_cancelled_call(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate, second: RunningTollgate,
+    mock_upstream: MockUpstream,
+) -> None:
+    """Without the feed, a session seen moments ago is let in while Redis is asked
+    (authenticate_early): the revocation still wins, cancels the upstream request, and
+    the session's next request is checked in full before anything is forwarded."""
+    feed = tollgate.app[SESSIONS].feed
+    assert feed is not None
+    await feed.stop()
+    try:
+        issued = await authorize(http, tollgate.url)
+        token = issued["token"]
+        status, body, _ = await chat(http, tollgate, bearer(token))
+        assert status == 200, body  # Its row is now cached here.
+        status, answer = await delete(http, f"{second.url}/v1/authorize", token)
+        assert status == 200, answer
+        before = await mock_stats(http, mock_upstream)
+        for attempt in range(2):
+            async with http.post(f"{tollgate.v1}/chat/completions", json=SLOW,
+                                 headers=bearer(token)) as response:
+                assert_token_refused(response.status, await response.json(),
+                                     response.headers, "token_revoked")
+            async with http.get(f"{mock_upstream.root}/mock/wait", params={
+                    "requests": before["requests"] + 1, "cancelled": before["cancelled"] + 1,
+                    "timeout_s": 5}) as waited:
+                assert waited.status == 200, "the overlapped upstream call was cancelled"
+                seen = await waited.json()
+            assert seen["requests"] == before["requests"] + 1, f"attempt {attempt}: asked once"
+    finally:
+        feed.start()
+        await feed.wait_live()

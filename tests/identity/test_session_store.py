@@ -56,26 +56,26 @@ def _row(jti: str) -> SessionAccount:
 def test_cache_forgets_after_its_ttl_and_bounds_its_size() -> None:
     now = [100.0]
     cache = SessionAccountCache(ttl_s=2.0, entries_max=2, clock=lambda: now[0])
-    cache.put(_row("a"))
+    cache.put(_row("a"), cache.generation)
     now[0] += 2.0
     assert cache.get("a") is not None
     now[0] += 0.01
     assert cache.get("a") is None, "older than 2 s: read again"
-    cache.put(_row("a"))
-    cache.put(_row("b"))
-    cache.put(_row("c"))
+    cache.put(_row("a"), cache.generation)
+    cache.put(_row("b"), cache.generation)
+    cache.put(_row("c"), cache.generation)
     assert len(cache) == 2 and cache.get("a") is None, "the oldest entry went first"
 
 
 def test_cache_asks_for_a_reload_once_a_row_is_over_its_refresh_age() -> None:
     now = [100.0]
     cache = SessionAccountCache(ttl_s=2.0, refresh_after_s=1.0, clock=lambda: now[0])
-    cache.put(_row("a"))
+    cache.put(_row("a"), cache.generation)
     assert cache.lookup("a").refresh is False
     now[0] += 1.5
     aging = cache.lookup("a")
     assert aging.row is not None and aging.refresh is True
-    cache.put(_row("a"))
+    cache.put(_row("a"), cache.generation)
     assert cache.lookup("a").refresh is False, "a reload makes the row young again"
     cache.drop("a")
     assert cache.lookup("a").row is None
