@@ -130,6 +130,14 @@ class Limiter:
             raise _rate_limited(short, verdict.retry_after_ms, headers)
         return Admission(states[0], tokens, headers)
 
+    async def reserve(self, buckets: list[Bucket]) -> Verdict | None:
+        """Debit every bucket ahead of calls (a lease): the verdict, counted nowhere;
+        None when Redis could not answer."""
+        try:
+            return await self._buckets().start_acquire(buckets)
+        except LimiterUnavailable:
+            return None
+
     async def adjust(self, bucket: Bucket) -> None:
         """Correct a bucket after the fact. Never raises: a lost correction only errs by
         the difference between an estimate and the truth, for one minute."""

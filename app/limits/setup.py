@@ -6,6 +6,7 @@
     limiter.py         policy: verdicts into 429/400/503, fail open or closed, metrics
     headers.py         X-RateLimit-* and x-ratelimit-*-requests/-tokens, Retry-After
     stage.py           the pipeline stage: per-account requests and tokens per minute
+    leases.py          a busy account's calls admitted on tokens taken ahead
     ip_limit.py        the middleware: per-IP requests on unauthenticated endpoints
 """
 
@@ -41,9 +42,11 @@ def setup_limits(app: web.Application) -> Stage:
         limiter,
         requests_per_min=settings.rate_limit_requests_per_min,
         tokens_per_min=settings.rate_limit_tokens_per_min,
+        lease_s=settings.rate_limit_lease_s,
     )
 
     async def drain_corrections(app: web.Application) -> None:
+        await stage.retire_leases()
         await stage.drain()
 
     app.on_shutdown.append(drain_corrections)

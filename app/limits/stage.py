@@ -6,6 +6,8 @@ the account's last verdict in this process left room, the verdict is deferred
 (``ChatCall.defer``): the ledger takes its hold during the Redis round trip, and
 a refusal releases it. After a refusal, admission waits for the verdict first,
 so a client hammering its limit never makes the ledger write.
+A busy account's calls are admitted on tokens leased ahead instead, without a
+round trip (``app.limits.leases``).
 ``settle`` gives back what the call did not use, or takes what it used beyond
 the estimate, once the real usage is known: nothing produced counts as 0.
 
@@ -25,6 +27,7 @@ from typing import Any
 from app.identity.principal import Principal
 from app.limits.bucket_keys import account_request_key, account_token_key
 from app.limits.headers import publish_headers
+from app.limits.leases import RateLeases
 from app.limits.limiter import Admission, Limit, Limiter
 from app.limits.token_buckets import Bucket
 from app.proxy.pipeline import ChatCall, estimated_max_tokens
@@ -41,7 +44,8 @@ class LimitsStage:
 
     name = STAGE_NAME
 
-    def __init__(self, limiter: Limiter, *, requests_per_min: int, tokens_per_min: int) -> None:
+    def __init__(self, limiter: Limiter, *, requests_per_min: int, tokens_per_min: int,
+                 lease_s: float = 0.0) -> None:
         self.limiter = limiter
         self.requests_per_min = requests_per_min
         self.tokens_per_min = tokens_per_min
@@ -51,12 +55,22 @@ class LimitsStage:
         self._flusher: asyncio.Task[None] | None = None
         # Per account: did its last verdict here leave room for another call like it?
         self._had_room: dict[int, bool] = {}
+        # A busy account's calls are admitted on tokens leased ahead (0 s: never).
+        self.leases = RateLeases(limiter, self._queue, lease_s) if lease_s > 0 else None
 
     async def admit(self, call: ChatCall) -> None:
         if call.principal is None:
             return
         requests, tokens = self.limits(call.principal, estimated_max_tokens(call))
-        answer = self._confirm(call, self.limiter.start_acquire(requests, tokens), tokens)
+        if self.leases is not None:
+            headers = self.leases.use(call.principal.account_id, requests, tokens)
+            if headers is not None:
+                call.notes[self.name] = tokens.bucket
+                call.response_headers.update(headers)
+                publish_headers(call.http, headers)
+                return
+        answer = self._confirm(call, self.limiter.start_acquire(requests, tokens), requests,
+                               tokens)
         if self._had_room.get(call.principal.account_id, False):
             # The account had room a moment ago: the ledger takes its hold while the
             # verdict is on its way, and a refusal now releases that hold.
@@ -67,7 +81,8 @@ class LimitsStage:
             await answer
 
     async def _confirm(
-        self, call: ChatCall, answer: Coroutine[Any, Any, Admission | None], tokens: Limit
+        self, call: ChatCall, answer: Coroutine[Any, Any, Admission | None], requests: Limit,
+        tokens: Limit,
     ) -> None:
         assert call.principal is not None
         account_id = call.principal.account_id
@@ -79,6 +94,8 @@ class LimitsStage:
         if admission is None:
             return  # Redis is down and the operator chose to fail open: nothing was debited.
         self._remember(account_id, admission.has_room_for_another(tokens.bucket.amount_tokens))
+        if self.leases is not None:
+            self.leases.offer(account_id, requests, tokens, admission)
         call.notes[self.name] = tokens.bucket
         call.response_headers.update(admission.headers)
         publish_headers(call.http, admission.headers)
@@ -120,6 +137,11 @@ class LimitsStage:
             batch, self._pending = self._pending, {}
             await asyncio.gather(*(self.limiter.adjust(bucket) for bucket in batch.values()
                                    if bucket.amount_tokens != 0))
+
+    async def retire_leases(self) -> None:
+        """Give every lease's rest back to the buckets (then ``drain`` sends it)."""
+        if self.leases is not None:
+            await self.leases.retire_all()
 
     async def drain(self) -> None:
         """Wait for corrections still on their way to Redis."""
