@@ -14,7 +14,8 @@ the account's calls in other processes for at most ``lease_s``, so another
 process may refuse a call a little early. To keep that small, a lease is taken
 only when the account is busy here (its previous admission from Redis was less
 than ``lease_s`` ago) and takes at most ``1 / LEASE_SHARE`` of what each bucket
-has left, for at most ``LEASE_CALLS`` calls; near its limit an account is
+has left, for ``LEASE_CALLS`` calls at first (more for an account that spends its
+leases early); near its limit an account is
 admitted call by call as before, so its refusals come exactly when they did.
 
 Headers of a call admitted on a lease describe the buckets as Redis left them
@@ -36,8 +37,11 @@ from app.limits.token_buckets import Bucket, BucketState
 
 log = logging.getLogger(__name__)
 
-# At most this many calls per lease...
+# At most this many calls per lease (at first; an account that spends its lease
+# before its time gets one twice as large next, up to the maximum, and one that used
+# less than half gets half)...
 LEASE_CALLS = 16
+LEASE_CALLS_MAX = 1024
 # ...at most this share of what each bucket has left (1/4)...
 LEASE_SHARE = 4
 # ...and only if that makes a lease of at least this many calls.
@@ -60,6 +64,10 @@ class RateLease:
     tokens_state: BucketState
     admits_until: float
     retired: bool = False
+
+    @property
+    def calls_planned(self) -> int:
+        return self.requests.amount_tokens
 
     def fits(self, requests: Limit, tokens: Limit, now: float) -> bool:
         return (not self.retired and now < self.admits_until
@@ -91,6 +99,8 @@ class RateLeases:
         self._open: dict[int, RateLease] = {}
         self._taking: dict[int, asyncio.Task[None]] = {}
         self._admitted_at: dict[int, float] = {}
+        # Per account: the calls its next lease is for, when not LEASE_CALLS.
+        self._scale: dict[int, int] = {}
         self.leases_taken = 0
 
     def use(self, account_id: int, requests: Limit, tokens: Limit) -> dict[str, str] | None:
@@ -100,6 +110,9 @@ class RateLeases:
             return None
         now = asyncio.get_running_loop().time()
         if not lease.fits(requests, tokens, now):
+            if now < lease.admits_until and not lease.retired:
+                # Spent before its time: the next one is larger.
+                self._scale[account_id] = min(2 * lease.calls_planned, LEASE_CALLS_MAX)
             self._retire(lease)
             # Spent (or stale) while busy: the next admission from Redis may lease again.
             self._admitted_at[account_id] = now
@@ -114,14 +127,16 @@ class RateLeases:
         now = asyncio.get_running_loop().time()
         previous = self._admitted_at.get(account_id)
         if len(self._admitted_at) >= BUSY_ACCOUNTS_MAX and previous is None:
-            self._admitted_at.clear()  # Simple bound: forgetting costs one more round trip.
+            # Simple bound: forgetting costs one more round trip, or a smaller lease.
+            self._admitted_at.clear()
+            self._scale.clear()
         self._admitted_at[account_id] = now
         if (previous is None or now - previous >= self.lease_s
                 or account_id in self._open or account_id in self._taking
                 or admission.tokens is None):
             return
         per_call = max(tokens.bucket.amount_tokens, 1)
-        calls = min(LEASE_CALLS,
+        calls = min(self._scale.get(account_id, LEASE_CALLS),
                     admission.requests.remaining_tokens // LEASE_SHARE,
                     admission.tokens.remaining_tokens // (LEASE_SHARE * per_call))
         if calls < LEASE_CALLS_MIN:
@@ -147,7 +162,17 @@ class RateLeases:
         if previous is not None:
             self._retire(previous)
         self._open[account_id] = lease
-        loop.call_at(lease.admits_until, self._retire, lease)
+        loop.call_at(lease.admits_until, self._expire, lease)
+
+    def _expire(self, lease: RateLease) -> None:
+        """The lease's time is up: retire it, and lease less next time if it was not used."""
+        if not lease.retired and lease.requests_left > lease.calls_planned // 2:
+            calls = max(lease.calls_planned // 2, LEASE_CALLS)
+            if calls == LEASE_CALLS:
+                self._scale.pop(lease.account_id, None)
+            else:
+                self._scale[lease.account_id] = calls
+        self._retire(lease)
 
     def _retire(self, lease: RateLease) -> None:
         """No more calls on the lease; what it still holds goes back to the buckets."""

@@ -104,3 +104,19 @@ async def test_two_processes_never_admit_more_than_the_limit_between_them(
     assert refused > 0
     # Every leased request was used by the process holding it: none is lost either.
     assert 100 <= served <= 100 + refill(100, started), served
+
+
+async def test_a_lease_spent_before_its_time_is_followed_by_a_larger_one(
+    redis_client: redis.Redis,
+) -> None:
+    stage = leasing_stage(redis_client)
+    assert stage.leases is not None
+    principal = account(requests_per_min=10**6, tokens_per_min=10**9)
+    for _ in range(2):
+        await admit_leased(stage, principal)
+    first = stage.leases.open_lease(principal.account_id)
+    assert first is not None and first.calls_planned == LEASE_CALLS
+    for _ in range(LEASE_CALLS + 1):  # the lease's calls, then one that finds it spent
+        await admit_leased(stage, principal)
+    second = stage.leases.open_lease(principal.account_id)
+    assert first.retired and second is not None and second.calls_planned == 2 * LEASE_CALLS
