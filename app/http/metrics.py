@@ -75,6 +75,19 @@ class Metrics:
             "tollgate_in_flight_requests", "Chat calls being served.",
             registry=registry, multiprocess_mode="livesum",
         )
+        self.leases = Counter(
+            "tollgate_leases", "Leases taken ahead of a busy account's calls, by kind"
+            " (credit: app.ledger.leases; rate_limit: app.limits.leases).",
+            ["kind"], registry=registry,
+        )
+        self.revocation_feed_live = Gauge(
+            "tollgate_revocation_feed_live",
+            "Processes whose revocation feed is live (0: sessions are checked in Redis).",
+            registry=registry, multiprocess_mode="livesum",
+        )
+
+    def lease_taken(self, kind: str) -> None:
+        self._child(self.leases, kind).inc()
 
     # Pipeline stage: metrics see every call, first in and last out.
     async def admit(self, call: ChatCall) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
@@ -44,15 +45,27 @@ RECONNECT_DELAYS_S = (0.05, 0.2, 1.0, 2.0)
 class RevocationFeed:
     """This process's subscription to revocations; drops revoked sessions from the cache."""
 
-    def __init__(self, client: redis.Redis, cache: SessionAccountCache) -> None:
+    def __init__(self, client: redis.Redis, cache: SessionAccountCache,
+                 on_live: Callable[[bool], None] = lambda live: None) -> None:
         self.client = client
         self.cache = cache
-        self.live = False
+        self.on_live = on_live
+        self._live = False
         self.revocations_heard = 0
         self.subscriptions = 0
         self._task: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None
         self._heard = asyncio.Event()
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    @live.setter
+    def live(self, live: bool) -> None:
+        if live != self._live:
+            self._live = live
+            self.on_live(live)
 
     def start(self) -> None:
         assert self._task is None, "started twice"

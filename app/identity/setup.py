@@ -10,7 +10,7 @@ from aiohttp import web
 
 from app.chain.config import ChainConfig
 from app.config.settings import Settings
-from app.http.keys import CHAIN, DATABASE, REDIS, REDIS_BATCHER, SETTINGS
+from app.http.keys import CHAIN, DATABASE, METRICS, REDIS, REDIS_BATCHER, SETTINGS
 from app.identity.account_cache import SessionAccountCache
 from app.identity.authenticate import IdentityStage
 from app.identity.chain_verifier import ChainVerifier
@@ -51,7 +51,9 @@ def _sessions(chain: ChainConfig | None) -> Callable[[web.Application], AsyncIte
             policies = _policies(app, chain, settings)
             verifier = _chain_verifier(app, chain, policies, settings)
         cache = SessionAccountCache()
-        feed = RevocationFeed(app[REDIS], cache)
+        feed_live = app[METRICS].revocation_feed_live
+        feed = RevocationFeed(app[REDIS], cache,
+                              lambda live: feed_live.inc() if live else feed_live.dec())
         app[SESSIONS] = Sessions(
             settings,
             codec=TokenCodec(keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience,

@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +115,10 @@ def lease_size_micros(amount_micros: int, room_micros: int, calls: int = LEASE_C
 class CreditLeases:
     """This process's open leases, one per account at most, and their retirement."""
 
-    def __init__(self, holds: HoldTaker, recorder: UsageRecorder, lease_s: float) -> None:
+    def __init__(self, holds: HoldTaker, recorder: UsageRecorder, lease_s: float,
+                 on_taken: Callable[[], None] = lambda: None) -> None:
         assert lease_s > 0
+        self.on_taken = on_taken
         self.holds = holds
         self.recorder = recorder
         self.lease_s = lease_s
@@ -204,6 +206,7 @@ class CreditLeases:
         lease = Lease(hold_id, account_id, size, admits_until=started + self.lease_s,
                       expires=started + lifetime_s, calls_planned=calls)
         self.leases_taken += 1
+        self.on_taken()
         previous = self._open.get(account_id)
         if previous is not None:
             self._retire(previous)

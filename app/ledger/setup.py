@@ -51,7 +51,9 @@ def setup_ledger(app: web.Application) -> Stage:
         stage.holds = holds
         stage.recorder = recorder
         lease_s = app[SETTINGS].credit_lease_s
-        stage.leases = CreditLeases(holds, recorder, lease_s) if lease_s > 0 else None
+        metrics = app[METRICS]
+        stage.leases = CreditLeases(holds, recorder, lease_s,
+                                    lambda: metrics.lease_taken("credit")) if lease_s > 0 else None
         yield
         if stage.leases is not None:
             # After in-flight calls settled (on_shutdown): releases are queued for the

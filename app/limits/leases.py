@@ -90,8 +90,9 @@ class RateLeases:
     """This process's rate-limit leases, one per account at most."""
 
     def __init__(self, limiter: Limiter, give_back: Callable[[Bucket], None],
-                 lease_s: float) -> None:
+                 lease_s: float, on_taken: Callable[[], None] = lambda: None) -> None:
         assert lease_s > 0
+        self.on_taken = on_taken
         self.limiter = limiter
         # Queues a correction for a bucket (the stage's coalescing corrections).
         self.give_back = give_back
@@ -158,6 +159,7 @@ class RateLeases:
             verdict.states[0], verdict.states[1], admits_until=started + self.lease_s,
         )
         self.leases_taken += 1
+        self.on_taken()
         previous = self._open.get(account_id)
         if previous is not None:
             self._retire(previous)

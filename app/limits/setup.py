@@ -43,6 +43,7 @@ def setup_limits(app: web.Application) -> Stage:
         requests_per_min=settings.rate_limit_requests_per_min,
         tokens_per_min=settings.rate_limit_tokens_per_min,
         lease_s=settings.rate_limit_lease_s,
+        on_lease=lambda: app[METRICS].lease_taken("rate_limit"),
     )
 
     async def drain_corrections(app: web.Application) -> None:

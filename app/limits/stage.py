@@ -20,7 +20,7 @@ without a principal cannot reach this stage.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -45,7 +45,7 @@ class LimitsStage:
     name = STAGE_NAME
 
     def __init__(self, limiter: Limiter, *, requests_per_min: int, tokens_per_min: int,
-                 lease_s: float = 0.0) -> None:
+                 lease_s: float = 0.0, on_lease: Callable[[], None] = lambda: None) -> None:
         self.limiter = limiter
         self.requests_per_min = requests_per_min
         self.tokens_per_min = tokens_per_min
@@ -56,7 +56,8 @@ class LimitsStage:
         # Per account: did its last verdict here leave room for another call like it?
         self._had_room: dict[int, bool] = {}
         # A busy account's calls are admitted on tokens leased ahead (0 s: never).
-        self.leases = RateLeases(limiter, self._queue, lease_s) if lease_s > 0 else None
+        self.leases = (RateLeases(limiter, self._queue, lease_s, on_lease) if lease_s > 0
+                       else None)
 
     async def admit(self, call: ChatCall) -> None:
         if call.principal is None:

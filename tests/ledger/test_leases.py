@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config.catalog import Catalog
 from app.http.app import Backends
+from app.http.keys import METRICS
+from app.identity.sessions import SESSIONS
 from app.ledger.audit import ledger_discrepancies
 from app.ledger.holds import HoldTaker
 from app.ledger.leases import LEASE_ID_PREFIX, lease_size_micros
@@ -262,3 +264,25 @@ async def test_a_lease_spent_before_its_time_is_followed_by_a_larger_one(
     assert second is not None and second.amount_micros == 64 * HOLD_MICROS
     row = await assert_settled(engine, payer.account_id, tollgate)
     assert row["usage_micros"] == (2 + 84) * COST_MICROS
+
+
+async def test_metrics_count_leases_and_show_the_revocation_feed(
+    catalog: Catalog, backends: Backends
+) -> None:
+    running = await start_tollgate(make_settings(), catalog, backends)
+    try:
+        feed = running.app[SESSIONS].feed
+        assert feed is not None
+        await feed.wait_live()
+        payer = await sign_in(running.url)
+        await _busy(running, payer, 2)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{running.url}/metrics") as response:
+            text = await response.text()
+        lines = set(text.splitlines())
+        assert 'tollgate_leases_total{kind="credit"} 1.0' in lines
+        assert "tollgate_revocation_feed_live 1.0" in lines
+        await feed.stop()
+        assert running.app[METRICS].revocation_feed_live._value.get() == 0  # type: ignore[attr-defined]
+    finally:
+        await running.runner.cleanup()
