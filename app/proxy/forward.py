@@ -9,9 +9,8 @@ to the client in the stream instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -38,10 +37,6 @@ from app.proxy.upstream import (
     read_json_body,
     sanitize,
 )
-
-# Events buffered between the upstream reader and the client writer: enough to
-# absorb jitter, small enough that a slow client slows the upstream read.
-STREAM_QUEUE_EVENTS = 64
 
 T = TypeVar("T")
 FailureObserver = Callable[[RouteFailure], None]
@@ -195,50 +190,40 @@ class Forwarder:
         outcome = call.outcome
         provider = relay.provider
         failure: ApiError | None = None
-        # Events that arrived together leave together: one write (one wake-up of the
-        # client) for what is already here, never a wait for more.
-        out: list[bytes] = []
-        while True:
-            if out and not relay.has_ready():
-                await response.write(b"".join(out))
-                out.clear()
-            try:
-                if relay.has_ready():
-                    item = relay.next_nowait()
-                else:
-                    async with asyncio.timeout(self.keepalive_s):
-                        item = await relay.next()
-            except TimeoutError:
-                await response.write(KEEPALIVE_EVENT)
-                continue
-            if isinstance(item, StreamEnd):
-                if item.failure is not None:
-                    failure = item.failure.to_api_error()
-                    self._failed(call, item.failure)
-                elif not rewriter.complete:
+        # Each event is written as it arrives; while the upstream is silent, a watchdog
+        # of its own keeps the client's connection alive (no timeout around each read).
+        keep_alive = _KeepAlive(response, self.keepalive_s)
+        try:
+            while True:
+                item = await relay.next()
+                if isinstance(item, StreamEnd):
+                    if item.failure is not None:
+                        failure = item.failure.to_api_error()
+                        self._failed(call, item.failure)
+                    elif not rewriter.complete:
+                        failure = UpstreamError(
+                            f"upstream provider '{provider.name}' ended the stream early",
+                            code="upstream_stream_cut",
+                        )
+                    break
+                if item == b"[DONE]":
+                    break
+                document = _chunk(item)
+                if document is None:
                     failure = UpstreamError(
-                        f"upstream provider '{provider.name}' ended the stream early",
-                        code="upstream_stream_cut",
+                        f"upstream provider '{provider.name}' sent an unreadable chunk",
+                        code="upstream_bad_chunk",
                     )
-                break
-            if item == b"[DONE]":
-                break
-            document = _chunk(item)
-            if document is None:
-                failure = UpstreamError(
-                    f"upstream provider '{provider.name}' sent an unreadable chunk",
-                    code="upstream_bad_chunk",
-                )
-                break
-            if "error" in document and not document.get("choices"):
-                failure = _stream_error(document["error"], provider)
-                break
-            event = rewriter.rewrite(document)
-            if event is not None:
-                out.append(event)
-                outcome.mark_first_chunk()
-        if out:
-            await response.write(b"".join(out))
+                    break
+                if "error" in document and not document.get("choices"):
+                    failure = _stream_error(document["error"], provider)
+                    break
+                event = rewriter.rewrite(document)
+                if event is not None:
+                    outcome.mark_first_chunk()
+                    await keep_alive.write(event)
+        finally:
+            keep_alive.stop()
         outcome.error = failure
         outcome.finish("ok" if failure is None else "error", call.chat.prompt_chars)
         try:
@@ -255,45 +240,48 @@ class Forwarder:
         await response.write_eof()
 
 
-class _OpenStream:
-    """An upstream SSE response read by its own task into a bounded queue.
+class _KeepAlive:
+    """Writes a stream's events, and an SSE comment whenever ``interval_s`` passed without one."""
 
-    The reader task lets the writer wait with a keep-alive timeout without ever
-    cancelling a half-read line. The first event is read before that task starts,
-    by ``peek`` itself: it decides whether the route answered at all, and going
-    through the task and the queue cost it two more turns of the loop.
+    def __init__(self, response: web.StreamResponse, interval_s: float) -> None:
+        self.response = response
+        self.interval_s = interval_s
+        self.loop = asyncio.get_running_loop()
+        self.last_write_s = self.loop.time()
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def write(self, data: bytes) -> None:
+        await self.response.write(data)
+        self.last_write_s = self.loop.time()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.last_write_s + self.interval_s - self.loop.time())
+            if self.loop.time() - self.last_write_s >= self.interval_s:
+                await self.write(KEEPALIVE_EVENT)
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+class _OpenStream:
+    """An upstream SSE response, read one event at a time by the relay itself.
+
+    ``peek`` reads the first event: it decides whether the route answered at all.
+    Every later read is bounded by the provider's idle timeout; a timeout there
+    abandons the stream, so cutting a half-read line short loses nothing. (Keep-
+    alives are the writer's business: ``_KeepAlive``.)
     """
 
     def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
         self.response = response
         self.provider = provider
-        self.queue: asyncio.Queue[bytes | StreamEnd] = asyncio.Queue(STREAM_QUEUE_EVENTS)
         self.events: AsyncGenerator[bytes, None] = iter_sse_data(response.content)
-        self.task: asyncio.Task[None] | None = None
-        self.first: bytes | StreamEnd | None = None
-
-    async def _pump(self, events: AsyncIterator[bytes]) -> None:
-        end = StreamEnd()
-        try:
-            while True:
-                async with asyncio.timeout(self.provider.idle_timeout_s):
-                    data = await anext(events, None)
-                if data is None:
-                    break
-                await self.queue.put(data)
-                if data == b"[DONE]":
-                    break
-        except TimeoutError:
-            end = StreamEnd(RouteFailure(self.provider.name, FailureKind.TIMEOUT, "stream stalled"))
-        except aiohttp.ClientError:
-            end = StreamEnd(
-                RouteFailure(self.provider.name, FailureKind.CONNECT, "stream cut short")
-            )
-        await self.queue.put(end)
+        self.first: bytes | None = None
+        self.ended = False
 
     async def peek(self, timeout_s: float) -> None:
-        """Read the first event, then start reading the rest; a stream that fails or
-        ends before its first event is a failed route."""
+        """Read the first event; a stream that fails or ends before it is a failed route."""
         try:
             async with asyncio.timeout(timeout_s):
                 first = await anext(self.events, None)
@@ -308,34 +296,32 @@ class _OpenStream:
                 self.provider.name, FailureKind.BAD_RESPONSE, "stream ended before any chunk"
             )
         self.first = first
-        if first != b"[DONE]":
-            self.task = asyncio.ensure_future(self._pump(self.events))
 
     async def next(self) -> bytes | StreamEnd:
+        """The next event's data, or the end (with the failure that ended it, if any)."""
         if self.first is not None:
             first, self.first = self.first, None
             return first
-        if self.task is None:
-            return StreamEnd()  # The first event was the last ([DONE]).
-        return await self.queue.get()
-
-    def has_ready(self) -> bool:
-        """Whether ``next_nowait`` has an event (or the end) without waiting."""
-        return self.first is not None or not self.queue.empty()
-
-    def next_nowait(self) -> bytes | StreamEnd:
-        assert self.has_ready(), "nothing has arrived yet"
-        if self.first is not None:
-            first, self.first = self.first, None
-            return first
-        return self.queue.get_nowait()
+        if self.ended:
+            return StreamEnd()
+        try:
+            async with asyncio.timeout(self.provider.idle_timeout_s):
+                data = await anext(self.events, None)
+        except TimeoutError:
+            self.ended = True
+            return StreamEnd(RouteFailure(self.provider.name, FailureKind.TIMEOUT,
+                                          "stream stalled"))
+        except aiohttp.ClientError:
+            self.ended = True
+            return StreamEnd(RouteFailure(self.provider.name, FailureKind.CONNECT,
+                                          "stream cut short"))
+        if data is None:
+            self.ended = True
+            return StreamEnd()
+        return data
 
     async def close(self) -> None:
         """Stop reading and drop the upstream connection, which cancels the upstream work."""
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
         await self.events.aclose()
         self.response.close()
 
