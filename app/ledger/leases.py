@@ -46,6 +46,7 @@ from typing import Any
 from app.errors import ServiceUnavailable
 from app.ledger.holds import HoldRequest, HoldTaker
 from app.ledger.recorder import UsageRecorder, Written
+from app.proxy.lease_scale import LeaseScale
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ LEASE_CALLS_MAX = 4096
 LEASE_ROOM_SHARE = 4
 # ...and only when the room holds at least this many such calls.
 LEASE_MIN_CALLS = 8
-# Accounts whose last hold time is remembered, at most.
-BUSY_ACCOUNTS_MAX = 100_000
 # Prefix of a lease hold's id in the holds table (request ids never start with it).
 LEASE_ID_PREFIX = "lease-"
 
@@ -126,10 +125,8 @@ class CreditLeases:
         self._taking: dict[int, asyncio.Task[None]] = {}
         # Per account: writes giving a retired lease's credit back, until committed.
         self._returning: dict[int, set[asyncio.Task[Written]]] = {}
-        # When each account last took a hold of its own here (see ``offer``).
-        self._held_at: dict[int, float] = {}
-        # Per account: the calls its next lease is for, when not LEASE_CALLS.
-        self._scale: dict[int, int] = {}
+        # Busy accounts (holds here less than lease_s apart) and their leases' sizes.
+        self.scale = LeaseScale(LEASE_CALLS, LEASE_CALLS_MAX, lease_s)
         self.leases_asked = 0
         self.leases_taken = 0
 
@@ -148,8 +145,8 @@ class CreditLeases:
             elif lease.available_micros < amount_micros:
                 # Spent before its time: the next lease is larger, and is taken on
                 # the next hold (the account is busy).
-                self._scale[account_id] = min(2 * lease.calls_planned, LEASE_CALLS_MAX)
-                self._held_at[account_id] = now
+                self.scale.spent_early(account_id, lease.calls_planned)
+                self.scale.busy(account_id, now)
                 self._retire(lease)
             return None
         lease.reserved_micros += amount_micros
@@ -165,16 +162,9 @@ class CreditLeases:
         costs a lease's two extra writes). ``room_micros`` is what the account had left
         after this call's hold.
         """
-        now = asyncio.get_running_loop().time()
-        previous = self._held_at.get(account_id)
-        if len(self._held_at) >= BUSY_ACCOUNTS_MAX and previous is None:
-            # Simple bound: forgetting costs one more hold, or a smaller lease.
-            self._held_at.clear()
-            self._scale.clear()
-        self._held_at[account_id] = now
-        if previous is None or now - previous >= self.lease_s:
+        if not self.scale.admitted(account_id, asyncio.get_running_loop().time()):
             return
-        calls = self._scale.get(account_id, LEASE_CALLS)
+        calls = self.scale.calls(account_id)
         size = lease_size_micros(amount_micros, room_micros, calls)
         if size is None or account_id in self._taking or account_id in self._open:
             return
@@ -247,12 +237,8 @@ class CreditLeases:
 
     def _expire(self, lease: Lease) -> None:
         """The lease's time is up (its timer)."""
-        if not lease.retired and lease.calls_admitted < lease.calls_planned // 2:
-            calls = max(lease.calls_planned // 2, LEASE_CALLS)
-            if calls == LEASE_CALLS:
-                self._scale.pop(lease.account_id, None)
-            else:
-                self._scale[lease.account_id] = calls
+        if not lease.retired:
+            self.scale.expired(lease.account_id, lease.calls_planned, lease.calls_admitted)
         self._retire(lease)
 
     def _retire(self, lease: Lease) -> None:

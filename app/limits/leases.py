@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from app.limits.headers import rate_limit_headers
 from app.limits.limiter import Admission, Limit, Limiter
 from app.limits.token_buckets import Bucket, BucketState
+from app.proxy.lease_scale import LeaseScale
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ LEASE_CALLS_MAX = 1024
 LEASE_SHARE = 4
 # ...and only if that makes a lease of at least this many calls.
 LEASE_CALLS_MIN = 2
-# Accounts remembered as recently admitted, at most.
-BUSY_ACCOUNTS_MAX = 100_000
 
 
 @dataclass(slots=True, eq=False)
@@ -99,9 +98,8 @@ class RateLeases:
         self.lease_s = lease_s
         self._open: dict[int, RateLease] = {}
         self._taking: dict[int, asyncio.Task[None]] = {}
-        self._admitted_at: dict[int, float] = {}
-        # Per account: the calls its next lease is for, when not LEASE_CALLS.
-        self._scale: dict[int, int] = {}
+        # Busy accounts (admitted by Redis less than lease_s apart) and their leases' sizes.
+        self.scale = LeaseScale(LEASE_CALLS, LEASE_CALLS_MAX, lease_s)
         self.leases_taken = 0
 
     def use(self, account_id: int, requests: Limit, tokens: Limit) -> dict[str, str] | None:
@@ -113,10 +111,10 @@ class RateLeases:
         if not lease.fits(requests, tokens, now):
             if now < lease.admits_until and not lease.retired:
                 # Spent before its time: the next one is larger.
-                self._scale[account_id] = min(2 * lease.calls_planned, LEASE_CALLS_MAX)
+                self.scale.spent_early(account_id, lease.calls_planned)
             self._retire(lease)
             # Spent (or stale) while busy: the next admission from Redis may lease again.
-            self._admitted_at[account_id] = now
+            self.scale.busy(account_id, now)
             return None
         lease.requests_left -= 1
         lease.tokens_left -= tokens.bucket.amount_tokens
@@ -125,19 +123,12 @@ class RateLeases:
     def offer(self, account_id: int, requests: Limit, tokens: Limit,
               admission: Admission) -> None:
         """A call was admitted by Redis: lease for the account's next calls if it is busy."""
-        now = asyncio.get_running_loop().time()
-        previous = self._admitted_at.get(account_id)
-        if len(self._admitted_at) >= BUSY_ACCOUNTS_MAX and previous is None:
-            # Simple bound: forgetting costs one more round trip, or a smaller lease.
-            self._admitted_at.clear()
-            self._scale.clear()
-        self._admitted_at[account_id] = now
-        if (previous is None or now - previous >= self.lease_s
-                or account_id in self._open or account_id in self._taking
+        busy = self.scale.admitted(account_id, asyncio.get_running_loop().time())
+        if (not busy or account_id in self._open or account_id in self._taking
                 or admission.tokens is None):
             return
         per_call = max(tokens.bucket.amount_tokens, 1)
-        calls = min(self._scale.get(account_id, LEASE_CALLS),
+        calls = min(self.scale.calls(account_id),
                     admission.requests.remaining_tokens // LEASE_SHARE,
                     admission.tokens.remaining_tokens // (LEASE_SHARE * per_call))
         if calls < LEASE_CALLS_MIN:
@@ -168,12 +159,9 @@ class RateLeases:
 
     def _expire(self, lease: RateLease) -> None:
         """The lease's time is up: retire it, and lease less next time if it was not used."""
-        if not lease.retired and lease.requests_left > lease.calls_planned // 2:
-            calls = max(lease.calls_planned // 2, LEASE_CALLS)
-            if calls == LEASE_CALLS:
-                self._scale.pop(lease.account_id, None)
-            else:
-                self._scale[lease.account_id] = calls
+        if not lease.retired:
+            self.scale.expired(lease.account_id, lease.calls_planned,
+                               lease.calls_planned - lease.requests_left)
         self._retire(lease)
 
     def _retire(self, lease: RateLease) -> None:
