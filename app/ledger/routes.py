@@ -18,8 +18,9 @@ from app.errors import InvalidRequest, NotFound
 from app.http.keys import DATABASE, SETTINGS
 from app.identity.authenticate import authenticate
 from app.ledger.balance import AccountBalance
+from app.ledger.leases import LEASE_ID_PREFIX
 from app.ledger.money import COST_UNIT
-from app.storage.tables import accounts, usage_records
+from app.storage.tables import accounts, holds, usage_records
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
@@ -41,11 +42,17 @@ async def get_account(request: web.Request) -> web.Response:
         )
         .where(u.account_id == principal.account_id)
     )
+    leased = (
+        select(func.coalesce(func.sum(holds.c.amount_micros), 0))
+        .where(holds.c.account_id == principal.account_id)
+        .where(holds.c.request_id.startswith(LEASE_ID_PREFIX, autoescape=True))
+    )
     async with request.app[DATABASE].connect() as connection:
         account = (await connection.execute(
             select(accounts).where(accounts.c.id == principal.account_id)
         )).mappings().first()
         sums = (await connection.execute(totals)).mappings().one()
+        leased_micros = int((await connection.execute(leased)).scalar_one())
     if account is None:
         raise NotFound("account not found", code="account_not_found")
     balance = AccountBalance(
@@ -69,6 +76,9 @@ async def get_account(request: web.Request) -> web.Response:
         "payments": balance.paid_micros,
         "balance": balance.balance_micros,
         "open_holds": balance.held_micros,
+        # Of the open holds, credit Tollgate reserved for this account's next calls
+        # (credit leases, app.ledger.leases): returned within seconds when unused.
+        "leased": leased_micros,
         "credit_limit": balance.effective_credit_limit_micros,
         "available": balance.available_micros,
         "settlement_failed": balance.settlement_failed,

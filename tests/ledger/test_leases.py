@@ -29,6 +29,7 @@ from tests.ledger.conftest import (
     make_account,
     open_holds,
     recorded,
+    retire_leases,
     set_account,
     sign_in,
 )
@@ -286,3 +287,20 @@ async def test_metrics_count_leases_and_show_the_revocation_feed(
         assert running.app[METRICS].revocation_feed_live._value.get() == 0  # type: ignore[attr-defined]
     finally:
         await running.runner.cleanup()
+
+
+async def test_the_account_says_how_much_of_its_holds_is_leased(
+    tollgate: RunningTollgate, engine: AsyncEngine
+) -> None:
+    payer = await sign_in(tollgate.url)
+    await _busy(tollgate, payer, 2)
+    [(lease_id, remaining)] = (await open_holds(engine, payer.account_id)).items()
+    assert lease_id.startswith(LEASE_ID_PREFIX)
+    async with aiohttp.ClientSession(headers=payer.headers) as http:
+        async with http.get(f"{tollgate.v1}/account") as response:
+            account = await response.json()
+        assert (account["open_holds"], account["leased"]) == (remaining, remaining)
+        await retire_leases(tollgate.app)
+        async with http.get(f"{tollgate.v1}/account") as response:
+            account = await response.json()
+    assert (account["open_holds"], account["leased"]) == (0, 0)
