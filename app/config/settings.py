@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     rate_limit_ip_requests_per_min: int = Field(default=120, ge=1, le=10**9)
     # A busy account's calls are admitted on tokens its process took ahead for a few
     # calls (app.limits.leases), for at most this long; 0: Redis is asked per call.
-    rate_limit_lease_s: float = Field(default=1.0, ge=0, le=10)
+    rate_limit_lease_s: float = Field(default=5.0, ge=0, le=60)
     # When Redis cannot be reached: "closed" refuses with 503, "open" lets requests through.
     rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
 
