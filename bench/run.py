@@ -180,14 +180,14 @@ class Server:
 
 def start_server(
     name: str, argv: Sequence[str], ready_prefix: str, workdir: Path, timeout_s: float,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, cwd: Path = REPO,
 ) -> Server:
     """Start ``argv`` and wait for its ready line; the URL is the line's last word."""
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         # A session of its own: Ctrl-C reaches only us, and we stop servers in order.
         process = subprocess.Popen(
-            list(argv), cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=log, start_new_session=True,
         )
     server = Server(name, process, log_path)
@@ -236,8 +236,10 @@ def start_bare(workdir: Path, upstream: str) -> Server:
     return start_server("bare", argv, "bare proxy listening on", workdir, SERVER_START_TIMEOUT_S)
 
 
-def start_tollgate(workdir: Path, upstream: str) -> Server:
-    catalog = workdir / "catalog.toml"
+def start_tollgate(workdir: Path, upstream: str, name: str = "tollgate",
+                   root: Path = REPO) -> Server:
+    """Tollgate from the source tree ``root`` (``python -m app`` runs the tree it starts in)."""
+    catalog = workdir / f"catalog-{name}.toml"
     catalog.write_text(CATALOG_TEMPLATE.format(
         base_url=upstream, model=MODEL_PUBLIC, upstream_model=MODEL_UPSTREAM))
     # Always the embedded stores and one process, whatever the caller's shell has set.
@@ -247,9 +249,9 @@ def start_tollgate(workdir: Path, upstream: str) -> Server:
     # A secret of our own, so Tollgate does not write one to the state dir and warn.
     env["TOLLGATE_JWT_SECRET"] = secrets.token_hex(32)
     argv = _python("-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--state-dir", str(workdir / "state"), "--catalog", str(catalog))
-    server = start_server("tollgate", argv, "tollgate listening on", workdir,
-                          TOLLGATE_START_TIMEOUT_S, env)
+                   "--state-dir", str(workdir / f"state-{name}"), "--catalog", str(catalog))
+    server = start_server(name, argv, "tollgate listening on", workdir,
+                          TOLLGATE_START_TIMEOUT_S, env, cwd=root)
     server.url += "/v1"
     return server
 
@@ -773,7 +775,7 @@ def run(args: argparse.Namespace) -> int:
             for scenario in _selected(plan(args.quick), args.cells):
                 results += run_rounds(targets, scenario, rounds, started["mock"], workdir)
             if "tollgate" in started:
-                extra["tollgate_backing_stores"] = backing_stores(workdir / "state")
+                extra["tollgate_backing_stores"] = backing_stores(workdir / "state-tollgate")
                 extra["tollgate_log_problems"] = _log_problems(started["tollgate"])[:20]
     finally:
         if args.keep_logs:
