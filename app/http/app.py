@@ -31,7 +31,7 @@ from app.http.keys import (
     SETTINGS,
 )
 from app.http.metrics import Metrics
-from app.http.request_context import add_request_headers, request_id_middleware
+from app.http.request_context import add_request_headers
 from app.http.routes import chat, health, models
 from app.identity.setup import setup_identity
 from app.ledger.setup import setup_ledger
@@ -61,9 +61,10 @@ class Backends:
 
 
 def create_app(settings: Settings, catalog: Catalog, backends: Backends) -> web.Application:
-    # Request ids first so every later failure, even an unexpected one, carries one.
+    # The error middleware is outermost and gives each request its id first, so every
+    # later failure, even an unexpected one, carries one.
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

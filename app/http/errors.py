@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from app.errors import ApiError, InternalError, InvalidRequest, NotFound, RequestTooLarge
+from app.http.request_context import assign_request_id
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ def from_http_exception(exception: web.HTTPException) -> ApiError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as an OpenAI error; never a stack trace."""
+    """Render every failure as an OpenAI error; never a stack trace.
+
+    The outermost middleware, so it also gives every request its id first (a
+    middleware of its own would add a frame to every resumption of every call).
+    """
+    assign_request_id(request)
     try:
         return await handler(request)
     except ApiError as error:

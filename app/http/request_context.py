@@ -11,7 +11,6 @@ import re
 import secrets
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 REQUEST_ID = web.RequestKey("request_id", str)
 MAX_CLIENT_REQUEST_ID_CHARS = 512
@@ -26,12 +25,9 @@ def request_id(request: web.Request) -> str:
     return request[REQUEST_ID]
 
 
-@web.middleware
-async def request_id_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
+def assign_request_id(request: web.Request) -> None:
+    """Give the request its id; the outermost middleware calls this first of all."""
     request[REQUEST_ID] = new_request_id()
-    return await handler(request)
 
 
 async def add_request_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -193,8 +193,8 @@ class ChatCall:
 
         Steps under 10 µs (stages with nothing to do for this call) are left out.
         """
-        return ", ".join([f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.timings
-                          if seconds >= SERVER_TIMING_MIN_S])
+        return ", ".join(["%s;dur=%.2f" % (name, seconds * 1000)  # noqa: UP031 (faster)
+                          for name, seconds in self.timings if seconds >= SERVER_TIMING_MIN_S])
 
 
 def estimated_max_tokens(call: ChatCall) -> int:

@@ -157,8 +157,11 @@ async def read_json_body(response: aiohttp.ClientResponse, provider: Provider) -
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise aiohttp.ClientPayloadError(f"answer larger than {limit} bytes")
+    if response.content_length is not None:
+        if response.content_length > limit:
+            raise aiohttp.ClientPayloadError(f"answer larger than {limit} bytes")
+        # A declared length is enforced by the parser: one read, no loop.
+        return await response.read()
     parts: list[bytes] = []
     size = 0
     async for piece in response.content.iter_any():
