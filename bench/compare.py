@@ -6,8 +6,9 @@ Checks ``REV`` out into a temporary git worktree, starts the mock upstream, Toll
 from that worktree (``base``) and from this tree as it is (``head``, uncommitted
 changes included), and runs each cell against both in interleaved rounds, as
 ``bench.run`` does. On this VM, runs minutes apart differ by 20-50%, so two
-separate ``make bench`` runs cannot tell a 5% change from drift; two targets in one
-run can. Prints one line per cell and target, and head's change against base.
+separate ``make bench`` runs cannot tell a 10% change from drift; two targets in
+one run can, down to what an A/A run shows (about 8% for json/c64: repeat to be
+sure). Prints one line per cell and target, and head's change against base.
 """
 
 from __future__ import annotations
