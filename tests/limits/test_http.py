@@ -112,7 +112,10 @@ async def test_a_busy_session_is_admitted_without_a_redis_round_trip(
         await stage.drain()
         sent = batcher.pipelines_sent - before
         if call == 1:
-            assert sent == 3, "the bucket script, the lease, the correction"
+            # Its bucket script, the lease and its correction (grouped into round trips
+            # as the batcher finds them): the lease is open after it.
+            row = tollgate.app[SESSIONS].cache.get(issued["sessionId"])
+            assert row is not None and stage.leases.open_lease(row.account.id) is not None
         if call >= 2:
             assert sent == 1, f"call {call}: only its correction"
     row = tollgate.app[SESSIONS].cache.get(issued["sessionId"])
