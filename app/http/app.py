@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from eth_account import Account
 
@@ -38,6 +37,7 @@ from app.ledger.setup import setup_ledger
 from app.limits.setup import setup_limits
 from app.payments.setup import setup_payments
 from app.proxy.forward import Forwarder
+from app.proxy.http_client import UpstreamClient
 from app.proxy.pipeline import Pipeline, Stage
 from app.settlement.setup import setup_settlement
 from app.storage.database import create_engine
@@ -45,8 +45,7 @@ from app.storage.redis_batch import RedisBatcher
 from app.storage.redis_client import create_redis
 
 # Upstream connection pool: bounded, with keep-alive so a request rarely pays a handshake.
-UPSTREAM_CONNECTIONS_MAX = 1024
-UPSTREAM_CONNECTIONS_PER_HOST_MAX = 512
+UPSTREAM_CONNECTIONS_PER_ORIGIN_MAX = 512
 UPSTREAM_KEEPALIVE_S = 30.0
 
 
@@ -157,28 +156,20 @@ def _chain(config: ChainConfig):  # type: ignore[no-untyped-def]
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(
-        limit=UPSTREAM_CONNECTIONS_MAX,
-        limit_per_host=UPSTREAM_CONNECTIONS_PER_HOST_MAX,
-        keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-        ttl_dns_cache=300,
+    client = UpstreamClient(
+        connections_per_origin=UPSTREAM_CONNECTIONS_PER_ORIGIN_MAX,
+        keepalive_s=UPSTREAM_KEEPALIVE_S,
+        user_agent="tollgate",
     )
-    # Upstream answers are relayed as they are: no decompression surprises, no cookies.
-    session = aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=True,
-        trust_env=False,
-    )
-    app[HTTP_CLIENT] = session
+    app[HTTP_CLIENT] = client
     app[FORWARDER] = Forwarder(
-        session,
+        client,
         app[PIPELINE],
         keepalive_s=app[SETTINGS].stream_keepalive_s,
         on_failure=app[METRICS].upstream_failed,
     )
     yield
-    await session.close()
+    await client.close()
 
 
 async def _drain_settlements(app: web.Application) -> None:

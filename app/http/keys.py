@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 import redis.asyncio as redis
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -13,6 +12,7 @@ from app.config.catalog import Catalog
 from app.config.settings import Settings
 from app.http.metrics import Metrics
 from app.proxy.forward import Forwarder
+from app.proxy.http_client import UpstreamClient
 from app.proxy.pipeline import Pipeline
 from app.storage.redis_batch import RedisBatcher
 
@@ -20,7 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
 METRICS = web.AppKey("metrics", Metrics)
 PIPELINE = web.AppKey("pipeline", Pipeline)
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+HTTP_CLIENT = web.AppKey("http_client", UpstreamClient)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 DATABASE = web.AppKey("database", AsyncEngine)
 REDIS = web.AppKey("redis", redis.Redis)

@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from app.config.catalog import Provider
 from app.errors import ApiError, UpstreamError
+from app.proxy.http_client import HttpClientError, UpstreamClient, UpstreamResponse
 from app.proxy.pipeline import ChatCall, Pipeline, Usage
 from app.proxy.relay import (
     DONE_EVENT,
@@ -44,17 +44,17 @@ ResponseFactory = Callable[[ChatCall], web.StreamResponse]
 
 
 class Forwarder:
-    """Sends chat calls upstream through one shared ``ClientSession``."""
+    """Sends chat calls upstream through the app's one ``UpstreamClient``."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         pipeline: Pipeline,
         *,
         keepalive_s: float,
         on_failure: FailureObserver | None = None,
     ) -> None:
-        self.session = session
+        self.client = client
         self.pipeline = pipeline
         self.keepalive_s = keepalive_s
         self.on_failure = on_failure or (lambda failure: None)
@@ -127,10 +127,11 @@ class Forwarder:
     async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
         async def attempt(candidate: Candidate) -> dict[str, Any]:
             provider = candidate.route.provider
+            deadline_s = asyncio.get_running_loop().time() + provider.total_timeout_s
             response = await open_response(
-                self.session, provider, self._upstream_body(call, candidate), call.request_id
+                self.client, provider, self._upstream_body(call, candidate), call.request_id
             )
-            return await read_json_body(response, provider)
+            return await read_json_body(response, provider, deadline_s)
 
         return await self._first_success(call, attempt)
 
@@ -170,10 +171,11 @@ class Forwarder:
     async def _first_event(self, call: ChatCall) -> _OpenStream:
         async def attempt(candidate: Candidate) -> _OpenStream:
             provider = candidate.route.provider
+            deadline_s = asyncio.get_running_loop().time() + provider.total_timeout_s
             response = await open_response(
-                self.session, provider, self._upstream_body(call, candidate), call.request_id
+                self.client, provider, self._upstream_body(call, candidate), call.request_id
             )
-            relay = _OpenStream(response, provider)
+            relay = _OpenStream(response, provider, deadline_s)
             try:
                 await relay.peek(provider.first_byte_timeout_s)
             except RouteFailure:
@@ -268,26 +270,30 @@ class _OpenStream:
     """An upstream SSE response, read one event at a time by the relay itself.
 
     ``peek`` reads the first event: it decides whether the route answered at all.
-    Every later read is bounded by the provider's idle timeout; a timeout there
-    abandons the stream, so cutting a half-read line short loses nothing. (Keep-
-    alives are the writer's business: ``_KeepAlive``.)
+    Every later read is bounded by the provider's idle timeout, and all of them by
+    the request's ``deadline_s`` (its total timeout, on the loop's clock); a timeout
+    there abandons the stream, so cutting a half-read line short loses nothing.
+    (Keep-alives are the writer's business: ``_KeepAlive``.)
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
+    def __init__(self, response: UpstreamResponse, provider: Provider,
+                 deadline_s: float) -> None:
         self.response = response
         self.provider = provider
-        self.events: AsyncGenerator[bytes, None] = iter_sse_data(response.content)
+        self.deadline_s = deadline_s
+        self.loop = asyncio.get_running_loop()
+        self.events: AsyncGenerator[bytes, None] = iter_sse_data(response)
         self.first: bytes | None = None
         self.ended = False
 
     async def peek(self, timeout_s: float) -> None:
         """Read the first event; a stream that fails or ends before it is a failed route."""
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(min(self.loop.time() + timeout_s, self.deadline_s)):
                 first = await anext(self.events, None)
         except TimeoutError:
             raise RouteFailure(self.provider.name, FailureKind.TIMEOUT, "no first chunk") from None
-        except aiohttp.ClientError:
+        except HttpClientError:
             raise RouteFailure(
                 self.provider.name, FailureKind.CONNECT, "stream cut short"
             ) from None
@@ -305,13 +311,14 @@ class _OpenStream:
         if self.ended:
             return StreamEnd()
         try:
-            async with asyncio.timeout(self.provider.idle_timeout_s):
+            async with asyncio.timeout_at(min(self.loop.time() + self.provider.idle_timeout_s,
+                                              self.deadline_s)):
                 data = await anext(self.events, None)
         except TimeoutError:
             self.ended = True
             return StreamEnd(RouteFailure(self.provider.name, FailureKind.TIMEOUT,
                                           "stream stalled"))
-        except aiohttp.ClientError:
+        except HttpClientError:
             self.ended = True
             return StreamEnd(RouteFailure(self.provider.name, FailureKind.CONNECT,
                                           "stream cut short"))

@@ -14,11 +14,19 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from enum import StrEnum
 
-import aiohttp
 import orjson
 
 from app.config.catalog import Provider
 from app.errors import ApiError, InvalidRequest, RequestTooLarge, UpstreamError, UpstreamTimeout
+from app.proxy.http_client import (
+    ConnectError,
+    ConnectionClosed,
+    HttpClientError,
+    MalformedResponse,
+    ResponseTooLarge,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 # An upstream answer larger than this is a fault, not a completion.
 MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
@@ -104,49 +112,45 @@ def request_headers(provider: Provider, request_id: str) -> dict[str, str]:
     return headers
 
 
-def client_timeout(provider: Provider) -> aiohttp.ClientTimeout:
-    # sock_read bounds every read; the tighter first-byte and idle bounds are
-    # applied by the caller around the waits they are about.
-    return aiohttp.ClientTimeout(
-        total=provider.total_timeout_s,
-        sock_connect=provider.connect_timeout_s,
-        sock_read=max(provider.first_byte_timeout_s, provider.idle_timeout_s),
-    )
-
-
 async def open_response(
-    session: aiohttp.ClientSession, provider: Provider, body: bytes, request_id: str
-) -> aiohttp.ClientResponse:
-    """POST the body; return a 200 response with its headers read, or raise RouteFailure."""
+    client: UpstreamClient, provider: Provider, body: bytes, request_id: str
+) -> UpstreamResponse:
+    """POST the body; return a 200 response with its headers read, or raise RouteFailure.
+
+    The wait for the answer's headers is bounded by the provider's first-byte
+    timeout; the caller bounds every later read (and the request's total time,
+    ``provider.total_timeout_s``, which the ledger's holds rely on).
+    """
     url = f"{provider.base_url}/chat/completions"
     try:
-        async with asyncio.timeout(provider.first_byte_timeout_s):
-            response = await session.post(
-                url,
-                data=body,
-                headers=request_headers(provider, request_id),
-                timeout=client_timeout(provider),
-            )
+        async with asyncio.timeout(min(provider.first_byte_timeout_s, provider.total_timeout_s)):
+            response = await client.post(url, body, request_headers(provider, request_id),
+                                         connect_timeout_s=provider.connect_timeout_s)
             if response.status != 200:
                 await _raise_for_status(response, provider)
             return response
     except TimeoutError:
         raise RouteFailure(provider.name, FailureKind.TIMEOUT, "no response in time") from None
-    except aiohttp.ClientError as error:
-        raise RouteFailure(provider.name, FailureKind.CONNECT, _describe(error)) from None
+    except HttpClientError as error:
+        raise _failure(error, provider) from None
 
 
-async def read_json_body(response: aiohttp.ClientResponse, provider: Provider) -> dict:
-    """Read a non-streaming answer, bounded in size and time."""
+async def read_json_body(response: UpstreamResponse, provider: Provider,
+                         deadline_s: float) -> dict:
+    """Read a non-streaming answer, bounded in size and in time (first-byte timeout, and
+    ``deadline_s`` on the loop's clock: the request's total time)."""
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(provider.first_byte_timeout_s):
-            raw = await _read_bounded(response, MAX_UPSTREAM_BODY_BYTES)
+        async with asyncio.timeout_at(min(loop.time() + provider.first_byte_timeout_s,
+                                          deadline_s)):
+            raw = await response.read(MAX_UPSTREAM_BODY_BYTES)
     except TimeoutError:
+        response.close()
         raise RouteFailure(provider.name, FailureKind.TIMEOUT, "body not in time") from None
-    except aiohttp.ClientError as error:
-        raise RouteFailure(provider.name, FailureKind.CONNECT, _describe(error)) from None
-    finally:
-        response.release()
+    except HttpClientError as error:
+        response.close()
+        raise _failure(error, provider) from None
+    response.release()
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -156,28 +160,21 @@ async def read_json_body(response: aiohttp.ClientResponse, provider: Provider) -
     return document
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None:
-        if response.content_length > limit:
-            raise aiohttp.ClientPayloadError(f"answer larger than {limit} bytes")
-        # A declared length is enforced by the parser: one read, no loop.
-        return await response.read()
-    parts: list[bytes] = []
-    size = 0
-    async for piece in response.content.iter_any():
-        size += len(piece)
-        if size > limit:
-            raise aiohttp.ClientPayloadError(f"answer larger than {limit} bytes")
-        parts.append(piece)
-    return b"".join(parts)
+def _failure(error: HttpClientError, provider: Provider) -> RouteFailure:
+    """The one translation of the HTTP client's errors into route failures."""
+    if isinstance(error, ConnectError):
+        return RouteFailure(provider.name, FailureKind.CONNECT, "cannot connect")
+    if isinstance(error, ConnectionClosed):
+        return RouteFailure(provider.name, FailureKind.CONNECT, str(error))
+    if isinstance(error, (MalformedResponse, ResponseTooLarge)):
+        return RouteFailure(provider.name, FailureKind.BAD_RESPONSE, str(error))
+    return RouteFailure(provider.name, FailureKind.CONNECT, type(error).__name__)
 
 
-async def _raise_for_status(response: aiohttp.ClientResponse, provider: Provider) -> None:
+async def _raise_for_status(response: UpstreamResponse, provider: Provider) -> None:
     status = response.status
     try:
-        raw = await response.content.read(MAX_ERROR_BODY_BYTES)
-    except aiohttp.ClientError:
-        raw = b""
+        raw = await response.read_prefix(MAX_ERROR_BODY_BYTES)
     finally:
         response.release()
     message = sanitize(_error_message(raw) or f"HTTP {status}", provider)
@@ -212,18 +209,7 @@ def _error_message(raw: bytes) -> str:
     return ""
 
 
-def _describe(error: aiohttp.ClientError) -> str:
-    # The exception text of a connector error names the host and port, never credentials.
-    if isinstance(error, aiohttp.ServerDisconnectedError):
-        return "connection closed before a response"
-    if isinstance(error, aiohttp.ClientConnectorError):
-        return "cannot connect"
-    if isinstance(error, aiohttp.ClientPayloadError):
-        return "answer cut short"
-    return type(error).__name__
-
-
-async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
+async def iter_sse_data(response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
     """Yield the data of each server-sent event (multi-line data joined by newlines).
 
     Comments and other fields are dropped: OpenAI streams carry everything in
@@ -231,13 +217,11 @@ async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, 
     """
     data: list[bytes] = []
     while True:
-        line = await content.readline()
+        line = await response.readline(MAX_SSE_LINE_BYTES)
         if not line:
             if data:
                 yield b"\n".join(data)
             return
-        if len(line) > MAX_SSE_LINE_BYTES:
-            raise aiohttp.ClientPayloadError("event larger than the limit")
         line = line.rstrip(b"\r\n")
         if not line:
             if data:
