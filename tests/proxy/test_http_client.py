@@ -1,0 +1,440 @@
+"""The upstream HTTP client against real sockets: scripted servers say exactly what arrives.
+
+Every scenario runs on both event loops Tollgate may use: asyncio's (tests) and
+uvloop's (``tollgate serve``), whose transports differ in small ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from app.proxy.http_client import (
+    READ_BUFFER_HIGH_BYTES,
+    ConnectError,
+    ConnectionClosed,
+    MalformedResponse,
+    ResponseTooLarge,
+    UpstreamClient,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+BODY = b'{"model": "m", "messages": []}'
+
+
+def on_both_loops(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+    uvloop.run(scenario())
+
+
+class ScriptedServer:
+    """A TCP server whose connections each run ``handler``; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> ScriptedServer:
+        return self if self.server is not None else await self.start()
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> ScriptedServer:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            self.writers.append(writer)
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ssl_context)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def url(self, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}/v1/chat/completions"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One request's head and body; None when the client closed the connection first."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def answer(body: bytes, *extra: str) -> bytes:
+    headers = "".join(f"{line}\r\n" for line in extra)
+    return (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+
+async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every request on the connection with its own head and body."""
+    while (request := await read_request(reader)) is not None:
+        head, body = request
+        writer.write(answer(head + body))
+        await writer.drain()
+
+
+def client(**options: Any) -> UpstreamClient:
+    options.setdefault("connections_per_origin", 8)
+    options.setdefault("keepalive_s", 30.0)
+    return UpstreamClient(user_agent="tollgate-test", **options)
+
+
+def test_requests_reuse_one_kept_alive_connection_and_carry_their_headers() -> None:
+    async def scenario() -> None:
+        async with ScriptedServer(keep_alive_echo) as server:
+            upstream = client()
+            for number in range(5):
+                response = await upstream.post(
+                    server.url(), BODY, {"X-Request-Id": f"req_{number}"}, connect_timeout_s=5)
+                echoed = await response.read(1 << 20)
+                response.release()
+                assert response.status == 200
+                assert echoed.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+                assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in echoed
+                assert b"Accept-Encoding: identity\r\n" in echoed
+                assert b"User-Agent: tollgate-test\r\n" in echoed
+                assert f"X-Request-Id: req_{number}\r\n".encode() in echoed
+                assert f"Content-Length: {len(BODY)}\r\n".encode() in echoed
+                assert echoed.endswith(b"\r\n\r\n" + BODY)
+            assert server.connections == 1
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_chunked_gzip_and_until_close_bodies_are_read_whole() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in (b"hello ", b"chunked ", b"world"):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer(gzip.compress(b"x" * 100_000), "Content-Encoding: gzip"))
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+
+    async def scenario() -> None:
+        upstream = client()
+        expected = {chunked: b"hello chunked world", gzipped: b"x" * 100_000,
+                    until_close: b"all of it"}
+        for handler, body in expected.items():
+            async with ScriptedServer(handler) as server:
+                for _ in range(2):
+                    response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                    assert await response.read(1 << 20) == body
+                    response.release()
+                # Only an answer that ends with its connection costs a new one per request.
+                assert server.connections == (2 if handler is until_close else 1)
+        await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_lines_are_read_across_packets_and_the_end_is_empty() -> None:
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b"data: one\n\nda", b"ta: two\n", b"\ndata: no newline at the end"):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    async def scenario() -> None:
+        async with ScriptedServer(stream) as server:
+            upstream = client()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            lines = []
+            while line := await response.readline(1024):
+                lines.append(line)
+            assert lines == [b"data: one\n", b"\n", b"data: two\n", b"\n",
+                             b"data: no newline at the end"]
+            response.release()
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_limits_on_bodies_and_lines() -> None:
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer(b"y" * 5000))
+
+    async def scenario() -> None:
+        async with ScriptedServer(big) as server:
+            upstream = client()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            with pytest.raises(ResponseTooLarge):
+                await response.read(4999)
+            response.close()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            with pytest.raises(ResponseTooLarge):
+                await response.readline(1000)
+            response.close()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            assert await response.read_prefix(100) == b"y" * 100
+            response.release()  # Not read to its end: the connection is dropped.
+            assert server.connections == 3
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_a_kept_alive_connection_dropped_as_it_is_picked_is_retried_once_on_a_new_one() -> None:
+    async def drops_second_request(reader: asyncio.StreamReader,
+                                   writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"first"))
+        await writer.drain()
+        # The next request on this connection is read and dropped unanswered, as a
+        # server does when its keep-alive timer fires as the request arrives.
+        await read_request(reader)
+
+    async def scenario() -> None:
+        async with ScriptedServer(drops_second_request) as server:
+            upstream = client()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            assert await response.read(100) == b"first"
+            response.release()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            assert await response.read(100) == b"first"
+            response.release()
+            assert server.connections == 2
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_a_new_connection_closed_before_an_answer_is_not_retried() -> None:
+    async def drops(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+
+    async def scenario() -> None:
+        upstream = client()
+        async with ScriptedServer(drops) as server:
+            with pytest.raises(ConnectionClosed, match="before an answer"):
+                await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            assert server.connections == 1
+        async with ScriptedServer(cut) as server:
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            with pytest.raises(ConnectionClosed, match="before the answer ended"):
+                await response.read(1000)
+            response.close()
+        await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_garbage_refused_connections_and_unknown_codings_are_errors() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+
+    async def brotli(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"\x1b\x00", "Content-Encoding: br"))
+
+    async def scenario() -> None:
+        upstream = client()
+        for handler in (garbage, brotli):
+            async with ScriptedServer(handler) as server:
+                with pytest.raises(MalformedResponse):
+                    await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+        async with ScriptedServer(keep_alive_echo) as server:
+            port = server.port
+        with pytest.raises(ConnectError):
+            await upstream.post(f"http://127.0.0.1:{port}/v1", BODY, {}, connect_timeout_s=5)
+        await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_headers_that_could_split_the_request_are_refused_before_sending() -> None:
+    async def scenario() -> None:
+        async with ScriptedServer(keep_alive_echo) as server:
+            upstream = client()
+            for headers in ({"X-Request-Id": "a\r\nX-Evil: 1"}, {"Bad Name": "x"},
+                            {"Content-Length": "1"}, {"Host": "elsewhere"}):
+                with pytest.raises(ValueError):
+                    await upstream.post(server.url(), BODY, headers, connect_timeout_s=5)
+            assert server.connections == 0
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_an_abandoned_request_closes_its_connection() -> None:
+    async def scenario() -> None:
+        closed = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            assert await reader.read() == b""  # Only returns when the client closes.
+            closed.set()
+
+        async with ScriptedServer(silent) as server:
+            upstream = client()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            async with asyncio.timeout(5):
+                await closed.wait()
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_callers_beyond_the_connection_limit_wait_for_a_free_connection() -> None:
+    async def scenario() -> None:
+        go = asyncio.Event()
+        arrived = 0
+        two_arrived = asyncio.Event()
+
+        async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal arrived
+            while await read_request(reader) is not None:
+                arrived += 1
+                if arrived == 2:
+                    two_arrived.set()
+                await go.wait()
+                writer.write(answer(b"ok"))
+
+        async with ScriptedServer(held) as server:
+            upstream = client(connections_per_origin=2)
+
+            async def call() -> bytes:
+                response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                body = await response.read(100)
+                response.release()
+                return body
+
+            calls = [asyncio.ensure_future(call()) for _ in range(5)]
+            async with asyncio.timeout(5):
+                await two_arrived.wait()
+            assert (server.connections, arrived) == (2, 2)
+            go.set()
+            async with asyncio.timeout(5):
+                assert await asyncio.gather(*calls) == [b"ok"] * 5
+            assert server.connections == 2
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_nothing() -> None:
+    lines = [b"data: %06d %s\n" % (number, b"z" * 100) for number in range(10_000)]
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        writer.write(b"".join(lines))
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with ScriptedServer(flood) as server:
+            upstream = client()
+            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            connection = response._connection
+            # The protocol has no event for "paused": look at it on every turn of the loop.
+            async with asyncio.timeout(5):
+                while not connection.reading_paused:  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+            assert len(connection.buffer) > READ_BUFFER_HIGH_BYTES
+            received = []
+            while line := await response.readline(1024):
+                received.append(line)
+            assert received == lines
+            response.release()
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    trusting = ssl.create_default_context(cafile=str(cert_path))
+    return server, trusting
+
+
+def test_https_with_a_trusted_certificate_and_refused_without(tmp_path: Path) -> None:
+    server_context, trusting = self_signed(tmp_path)
+
+    async def scenario() -> None:
+        server = await ScriptedServer(keep_alive_echo).start(server_context)
+        async with server:
+            upstream = client(ssl_context=trusting)
+            for _ in range(2):
+                response = await upstream.post(server.url("https"), BODY, {},
+                                               connect_timeout_s=5)
+                assert (await response.read(1 << 20)).endswith(BODY)
+                response.release()
+            assert server.connections == 1
+            await upstream.close()
+            # The system's trust store does not know our certificate.
+            with pytest.raises(ConnectError):
+                await client().post(server.url("https"), BODY, {}, connect_timeout_s=5)
+
+    on_both_loops(scenario)
