@@ -127,11 +127,18 @@ class Forwarder:
     async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
         async def attempt(candidate: Candidate) -> dict[str, Any]:
             provider = candidate.route.provider
-            deadline_s = asyncio.get_running_loop().time() + provider.total_timeout_s
-            response = await open_response(
-                self.client, provider, self._upstream_body(call, candidate), call.request_id
-            )
-            return await read_json_body(response, provider, deadline_s)
+            # One timer for the whole answer: the first-byte timeout covers a
+            # non-streaming answer's body too (and never outlasts the total timeout).
+            try:
+                async with asyncio.timeout(min(provider.first_byte_timeout_s,
+                                               provider.total_timeout_s)):
+                    response = await open_response(
+                        self.client, provider, self._upstream_body(call, candidate),
+                        call.request_id)
+                    return await read_json_body(response, provider)
+            except TimeoutError:
+                raise RouteFailure(provider.name, FailureKind.TIMEOUT,
+                                   "no answer in time") from None
 
         return await self._first_success(call, attempt)
 
@@ -171,15 +178,24 @@ class Forwarder:
     async def _first_event(self, call: ChatCall) -> _OpenStream:
         async def attempt(candidate: Candidate) -> _OpenStream:
             provider = candidate.route.provider
-            deadline_s = asyncio.get_running_loop().time() + provider.total_timeout_s
-            response = await open_response(
-                self.client, provider, self._upstream_body(call, candidate), call.request_id
-            )
-            relay = _OpenStream(response, provider, deadline_s)
+            loop = asyncio.get_running_loop()
+            deadline_s = loop.time() + provider.total_timeout_s
+            relay: _OpenStream | None = None
             try:
-                await relay.peek(provider.first_byte_timeout_s)
-            except RouteFailure:
-                await relay.close()
+                # One timer until the first event: the route has answered only then.
+                async with asyncio.timeout_at(min(loop.time() + provider.first_byte_timeout_s,
+                                                  deadline_s)):
+                    response = await open_response(
+                        self.client, provider, self._upstream_body(call, candidate),
+                        call.request_id)
+                    relay = _OpenStream(response, provider, deadline_s)
+                    await relay.peek()
+            except BaseException as error:
+                if relay is not None:
+                    await relay.close()
+                if isinstance(error, TimeoutError):
+                    raise RouteFailure(provider.name, FailureKind.TIMEOUT,
+                                       "no first chunk in time") from None
                 raise
             return relay
 
@@ -286,13 +302,12 @@ class _OpenStream:
         self.first: bytes | None = None
         self.ended = False
 
-    async def peek(self, timeout_s: float) -> None:
-        """Read the first event; a stream that fails or ends before it is a failed route."""
+    async def peek(self) -> None:
+        """Read the first event; a stream that fails or ends before it is a failed route.
+
+        Unbounded in time: the caller's timeout covers the request and this read."""
         try:
-            async with asyncio.timeout_at(min(self.loop.time() + timeout_s, self.deadline_s)):
-                first = await anext(self.events, None)
-        except TimeoutError:
-            raise RouteFailure(self.provider.name, FailureKind.TIMEOUT, "no first chunk") from None
+            first = await anext(self.events, None)
         except HttpClientError:
             raise RouteFailure(
                 self.provider.name, FailureKind.CONNECT, "stream cut short"

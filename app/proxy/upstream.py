@@ -8,7 +8,6 @@ or a URL with credentials never leaks to a client or a log.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -117,39 +116,30 @@ async def open_response(
 ) -> UpstreamResponse:
     """POST the body; return a 200 response with its headers read, or raise RouteFailure.
 
-    The wait for the answer's headers is bounded by the provider's first-byte
-    timeout; the caller bounds every later read (and the request's total time,
-    ``provider.total_timeout_s``, which the ledger's holds rely on).
+    Unbounded in time: the caller puts one timeout around this and the first read
+    (``Forwarder``), which is one timer per attempt instead of one per wait.
     """
     url = f"{provider.base_url}/chat/completions"
     try:
-        async with asyncio.timeout(min(provider.first_byte_timeout_s, provider.total_timeout_s)):
-            response = await client.post(url, body, request_headers(provider, request_id),
-                                         connect_timeout_s=provider.connect_timeout_s)
-            if response.status != 200:
-                await _raise_for_status(response, provider)
-            return response
-    except TimeoutError:
-        raise RouteFailure(provider.name, FailureKind.TIMEOUT, "no response in time") from None
+        response = await client.post(url, body, request_headers(provider, request_id),
+                                     connect_timeout_s=provider.connect_timeout_s)
     except HttpClientError as error:
         raise _failure(error, provider) from None
+    if response.status != 200:
+        await _raise_for_status(response, provider)
+    return response
 
 
-async def read_json_body(response: UpstreamResponse, provider: Provider,
-                         deadline_s: float) -> dict:
-    """Read a non-streaming answer, bounded in size and in time (first-byte timeout, and
-    ``deadline_s`` on the loop's clock: the request's total time)."""
-    loop = asyncio.get_running_loop()
+async def read_json_body(response: UpstreamResponse, provider: Provider) -> dict:
+    """Read a non-streaming answer, bounded in size (the caller bounds it in time)."""
     try:
-        async with asyncio.timeout_at(min(loop.time() + provider.first_byte_timeout_s,
-                                          deadline_s)):
-            raw = await response.read(MAX_UPSTREAM_BODY_BYTES)
-    except TimeoutError:
-        response.close()
-        raise RouteFailure(provider.name, FailureKind.TIMEOUT, "body not in time") from None
+        raw = await response.read(MAX_UPSTREAM_BODY_BYTES)
     except HttpClientError as error:
         response.close()
         raise _failure(error, provider) from None
+    except BaseException:
+        response.close()  # Timed out or cancelled: the connection's state is unknown.
+        raise
     response.release()
     try:
         document = orjson.loads(raw)
@@ -175,8 +165,10 @@ async def _raise_for_status(response: UpstreamResponse, provider: Provider) -> N
     status = response.status
     try:
         raw = await response.read_prefix(MAX_ERROR_BODY_BYTES)
-    finally:
-        response.release()
+    except BaseException:
+        response.close()
+        raise
+    response.release()
     message = sanitize(_error_message(raw) or f"HTTP {status}", provider)
     if status == 429:
         kind = FailureKind.RATE_LIMITED
