@@ -18,7 +18,12 @@ from aiohttp import web
 
 from app.config.catalog import Provider
 from app.errors import ApiError, UpstreamError
-from app.proxy.http_client import HttpClientError, UpstreamClient, UpstreamResponse
+from app.proxy.http_client import (
+    AnswerTimeout,
+    HttpClientError,
+    UpstreamClient,
+    UpstreamResponse,
+)
 from app.proxy.pipeline import ChatCall, Pipeline, Usage
 from app.proxy.relay import (
     DONE_EVENT,
@@ -127,18 +132,14 @@ class Forwarder:
     async def _first_answer(self, call: ChatCall) -> dict[str, Any]:
         async def attempt(candidate: Candidate) -> dict[str, Any]:
             provider = candidate.route.provider
-            # One timer for the whole answer: the first-byte timeout covers a
-            # non-streaming answer's body too (and never outlasts the total timeout).
-            try:
-                async with asyncio.timeout(min(provider.first_byte_timeout_s,
-                                               provider.total_timeout_s)):
-                    response = await open_response(
-                        self.client, provider, self._upstream_body(call, candidate),
-                        call.request_id)
-                    return await read_json_body(response, provider)
-            except TimeoutError:
-                raise RouteFailure(provider.name, FailureKind.TIMEOUT,
-                                   "no answer in time") from None
+            # The first-byte timeout covers a non-streaming answer's body too (and
+            # never outlasts the total timeout).
+            deadline_s = asyncio.get_running_loop().time() + min(
+                provider.first_byte_timeout_s, provider.total_timeout_s)
+            response = await open_response(
+                self.client, provider, self._upstream_body(call, candidate), call.request_id,
+                deadline_s)
+            return await read_json_body(response, provider)
 
         return await self._first_success(call, attempt)
 
@@ -178,25 +179,20 @@ class Forwarder:
     async def _first_event(self, call: ChatCall) -> _OpenStream:
         async def attempt(candidate: Candidate) -> _OpenStream:
             provider = candidate.route.provider
-            loop = asyncio.get_running_loop()
-            deadline_s = loop.time() + provider.total_timeout_s
-            relay: _OpenStream | None = None
+            now_s = asyncio.get_running_loop().time()
+            deadline_s = now_s + provider.total_timeout_s
+            # Until the first event the route has not answered: the first-byte timeout.
+            response = await open_response(
+                self.client, provider, self._upstream_body(call, candidate), call.request_id,
+                min(now_s + provider.first_byte_timeout_s, deadline_s))
+            relay = _OpenStream(response, provider)
             try:
-                # One timer until the first event: the route has answered only then.
-                async with asyncio.timeout_at(min(loop.time() + provider.first_byte_timeout_s,
-                                                  deadline_s)):
-                    response = await open_response(
-                        self.client, provider, self._upstream_body(call, candidate),
-                        call.request_id)
-                    relay = _OpenStream(response, provider, deadline_s)
-                    await relay.peek()
-            except BaseException as error:
-                if relay is not None:
-                    await relay.close()
-                if isinstance(error, TimeoutError):
-                    raise RouteFailure(provider.name, FailureKind.TIMEOUT,
-                                       "no first chunk in time") from None
+                await relay.peek()
+            except BaseException:
+                await relay.close()
                 raise
+            # From here each read may wait the idle timeout, all of them the total one.
+            response.limit_time(deadline_s, provider.idle_timeout_s)
             return relay
 
         return await self._first_success(call, attempt)
@@ -286,18 +282,15 @@ class _OpenStream:
     """An upstream SSE response, read one event at a time by the relay itself.
 
     ``peek`` reads the first event: it decides whether the route answered at all.
-    Every later read is bounded by the provider's idle timeout, and all of them by
-    the request's ``deadline_s`` (its total timeout, on the loop's clock); a timeout
-    there abandons the stream, so cutting a half-read line short loses nothing.
-    (Keep-alives are the writer's business: ``_KeepAlive``.)
+    Reads are bounded by the response's time limits (``limit_time``: the idle and
+    total timeouts), watched by the connection; a timeout abandons the stream, so
+    cutting a half-read line short loses nothing. (Keep-alives are the writer's
+    business: ``_KeepAlive``.)
     """
 
-    def __init__(self, response: UpstreamResponse, provider: Provider,
-                 deadline_s: float) -> None:
+    def __init__(self, response: UpstreamResponse, provider: Provider) -> None:
         self.response = response
         self.provider = provider
-        self.deadline_s = deadline_s
-        self.loop = asyncio.get_running_loop()
         self.events: AsyncGenerator[bytes, None] = iter_sse_data(response)
         self.first: bytes | None = None
         self.ended = False
@@ -305,9 +298,12 @@ class _OpenStream:
     async def peek(self) -> None:
         """Read the first event; a stream that fails or ends before it is a failed route.
 
-        Unbounded in time: the caller's timeout covers the request and this read."""
+        Bounded in time by the response's deadline (the first-byte timeout)."""
         try:
             first = await anext(self.events, None)
+        except AnswerTimeout:
+            raise RouteFailure(self.provider.name, FailureKind.TIMEOUT,
+                               "no first chunk in time") from None
         except HttpClientError:
             raise RouteFailure(
                 self.provider.name, FailureKind.CONNECT, "stream cut short"
@@ -326,13 +322,12 @@ class _OpenStream:
         if self.ended:
             return StreamEnd()
         try:
-            async with asyncio.timeout_at(min(self.loop.time() + self.provider.idle_timeout_s,
-                                              self.deadline_s)):
-                data = await anext(self.events, None)
-        except TimeoutError:
+            data = await anext(self.events, None)
+        except AnswerTimeout as timeout:
             self.ended = True
             return StreamEnd(RouteFailure(self.provider.name, FailureKind.TIMEOUT,
-                                          "stream stalled"))
+                                          "stream stalled" if timeout.idle
+                                          else "stream not done in time"))
         except HttpClientError:
             self.ended = True
             return StreamEnd(RouteFailure(self.provider.name, FailureKind.CONNECT,

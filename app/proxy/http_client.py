@@ -23,19 +23,25 @@ dropped an idle connection as we picked it, so the request was never applied
 (browsers do the same for any method). Nothing else is retried here; routes
 fall back one level up.
 
-Errors (every failure of this module is one of these; timeouts are the
-caller's ``asyncio.timeout`` and raise ``TimeoutError``)::
+Time: every request has a deadline (on the loop's clock) for its whole answer, and
+a stream may add an idle limit (nothing received for that long). One timer per
+connection watches both, re-armed only when it fires: a stream's events cost no
+timer each (an ``asyncio.timeout`` around every read cost ~8 µs per event).
+
+Errors (every failure of this module is one of these)::
 
     HttpClientError
     ├── ConnectError        no connection could be opened (DNS, refused, TLS, connect timeout)
     ├── ConnectionClosed    the server closed or reset the connection before the answer ended
     ├── MalformedResponse   not an HTTP/1.x answer we can read (or an unknown content coding)
-    └── ResponseTooLarge    a body or a line beyond the reader's limit
+    ├── ResponseTooLarge    a body or a line beyond the reader's limit
+    └── AnswerTimeout       the deadline passed, or the idle limit, before the answer ended
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import ssl
 import zlib
@@ -86,6 +92,14 @@ class ResponseTooLarge(HttpClientError):
     """A body or a line of the answer is larger than the reader allows."""
 
 
+class AnswerTimeout(HttpClientError):
+    """The answer did not come (or stopped coming) in time; ``idle`` says which limit."""
+
+    def __init__(self, message: str, *, idle: bool) -> None:
+        super().__init__(message)
+        self.idle = idle
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     """What a URL means to the pool: which origin, and the request line's start."""
@@ -112,6 +126,11 @@ class _Connection(asyncio.Protocol):
         self.keepalive_s = origin.keepalive_s
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
+        # The current exchange's time limits, watched by one timer (see limit_time).
+        self._timer: asyncio.TimerHandle | None = None
+        self.deadline_s = math.inf
+        self.idle_s: float | None = None
+        self.last_data_s = 0.0
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -142,6 +161,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self.last_data_s = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
@@ -160,6 +180,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stop_timer()
         self.origin.forget(self)
         if not self.complete and self.error is None:
             if self.headers_complete and self._ends_at_close():
@@ -227,6 +248,36 @@ class _Connection(asyncio.Protocol):
         return ("content-length" not in self.headers
                 and "chunked" not in self.headers.get("transfer-encoding", "").lower())
 
+    def limit_time(self, deadline_s: float, idle_s: float | None) -> None:
+        """Fail the exchange at ``deadline_s``, or after ``idle_s`` without a byte."""
+        self.deadline_s = deadline_s
+        self.idle_s = idle_s
+        self.last_data_s = self.loop.time()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        when = self.deadline_s
+        if self.idle_s is not None:
+            when = min(when, self.last_data_s + self.idle_s)
+        self._timer = self.loop.call_at(when, self._check_time)
+
+    def _check_time(self) -> None:
+        self._timer = None
+        now_s = self.loop.time()
+        if now_s >= self.deadline_s:
+            self._fail(AnswerTimeout("no answer in time", idle=False))
+        elif self.idle_s is not None and now_s - self.last_data_s >= self.idle_s:
+            self._fail(AnswerTimeout(f"nothing received for {self.idle_s:g} s", idle=True))
+        else:
+            self._arm()  # Data arrived since the timer was set: watch from the latest byte.
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _fail(self, error: HttpClientError) -> None:
         if self.error is None:
             self.error = error
@@ -262,6 +313,7 @@ class _Connection(asyncio.Protocol):
                 and not self.buffer)
 
     def close(self) -> None:
+        self.stop_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
@@ -281,7 +333,8 @@ class _Origin:
         self.connections: set[_Connection] = set()
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self, connect_timeout_s: float, *, fresh: bool = False) -> _Connection:
+    async def acquire(self, connect_timeout_s: float, deadline_s: float, *,
+                      fresh: bool = False) -> _Connection:
         now_s = self.loop.time()
         while self.idle and not fresh:
             connection = self.idle.pop()
@@ -293,13 +346,16 @@ class _Origin:
             waiter = self.loop.create_future()
             self.waiters.append(waiter)
             try:
-                await waiter
+                async with asyncio.timeout_at(deadline_s):
+                    await waiter
+            except TimeoutError:
+                raise AnswerTimeout("no connection free in time", idle=False) from None
             finally:
                 if waiter in self.waiters:
                     self.waiters.remove(waiter)
             if self.idle and not fresh:
-                return await self.acquire(connect_timeout_s)
-        return await self._connect(connect_timeout_s)
+                return await self.acquire(connect_timeout_s, deadline_s)
+        return await self._connect(min(connect_timeout_s, deadline_s - self.loop.time()))
 
     async def _connect(self, connect_timeout_s: float) -> _Connection:
         target = self.target
@@ -325,6 +381,7 @@ class _Origin:
         return connection
 
     def release(self, connection: _Connection) -> None:
+        connection.stop_timer()
         if not connection.reusable:
             connection.close()
             return
@@ -417,6 +474,11 @@ class UpstreamResponse:
                 raise connection.error
             await connection.wait()
 
+    def limit_time(self, deadline_s: float, idle_s: float | None) -> None:
+        """From now on: the rest of the answer by ``deadline_s`` (loop clock), and no
+        silence longer than ``idle_s`` (None: no idle limit)."""
+        self._connection.limit_time(deadline_s, idle_s)
+
     def release(self) -> None:
         """Done with this answer: its connection goes back to the pool if it can be reused."""
         self._connection.origin.release(self._connection)
@@ -442,10 +504,11 @@ class UpstreamClient:
         self._closed = False
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str], *,
-                   connect_timeout_s: float) -> UpstreamResponse:
+                   connect_timeout_s: float, deadline_s: float) -> UpstreamResponse:
         """Send the request; return once the answer's status and headers are in.
 
-        The caller bounds the wait for the answer (``asyncio.timeout``); if it is
+        ``deadline_s`` (loop clock) bounds everything from here to the answer's last
+        byte, unless the response's ``limit_time`` changes it. If the caller is
         cancelled, the connection is closed, which is how an upstream learns the
         request was abandoned.
         """
@@ -457,27 +520,28 @@ class UpstreamClient:
             origin = self._origins[target.origin] = _Origin(target, self)
         request = b"".join((target.head, _encode_headers(headers),
                             b"Content-Length: %d\r\n\r\n" % len(body), body))
-        connection = await origin.acquire(connect_timeout_s)
+        connection = await origin.acquire(connect_timeout_s, deadline_s)
         try:
             try:
-                await self._exchange(connection, request)
+                await self._exchange(connection, request, deadline_s)
             except ConnectionClosed:
                 if not connection.reused or connection.received_any:
                     raise
                 # A kept-alive connection the server dropped as we picked it: the request
                 # never reached it, so send it once more on a new connection.
-                connection = await origin.acquire(connect_timeout_s, fresh=True)
-                await self._exchange(connection, request)
+                connection = await origin.acquire(connect_timeout_s, deadline_s, fresh=True)
+                await self._exchange(connection, request, deadline_s)
         except BaseException:
             connection.close()
             raise
         return UpstreamResponse(connection)
 
     @staticmethod
-    async def _exchange(connection: _Connection, request: bytes) -> None:
+    async def _exchange(connection: _Connection, request: bytes, deadline_s: float) -> None:
         if connection.closed:
             raise ConnectionClosed("connection closed before an answer")
         connection.begin_exchange()
+        connection.limit_time(deadline_s, None)
         await connection.send(request)
         while not connection.headers_complete:
             if connection.error is not None:

@@ -18,6 +18,7 @@ import orjson
 from app.config.catalog import Provider
 from app.errors import ApiError, InvalidRequest, RequestTooLarge, UpstreamError, UpstreamTimeout
 from app.proxy.http_client import (
+    AnswerTimeout,
     ConnectError,
     ConnectionClosed,
     HttpClientError,
@@ -112,17 +113,19 @@ def request_headers(provider: Provider, request_id: str) -> dict[str, str]:
 
 
 async def open_response(
-    client: UpstreamClient, provider: Provider, body: bytes, request_id: str
+    client: UpstreamClient, provider: Provider, body: bytes, request_id: str,
+    deadline_s: float,
 ) -> UpstreamResponse:
     """POST the body; return a 200 response with its headers read, or raise RouteFailure.
 
-    Unbounded in time: the caller puts one timeout around this and the first read
-    (``Forwarder``), which is one timer per attempt instead of one per wait.
+    ``deadline_s`` (loop clock) bounds the whole answer until the caller changes it
+    with ``response.limit_time`` (a stream, once its first event is in).
     """
     url = f"{provider.base_url}/chat/completions"
     try:
         response = await client.post(url, body, request_headers(provider, request_id),
-                                     connect_timeout_s=provider.connect_timeout_s)
+                                     connect_timeout_s=provider.connect_timeout_s,
+                                     deadline_s=deadline_s)
     except HttpClientError as error:
         raise _failure(error, provider) from None
     if response.status != 200:
@@ -131,14 +134,14 @@ async def open_response(
 
 
 async def read_json_body(response: UpstreamResponse, provider: Provider) -> dict:
-    """Read a non-streaming answer, bounded in size (the caller bounds it in time)."""
+    """Read a non-streaming answer, bounded in size (and in time by its deadline)."""
     try:
         raw = await response.read(MAX_UPSTREAM_BODY_BYTES)
     except HttpClientError as error:
         response.close()
         raise _failure(error, provider) from None
     except BaseException:
-        response.close()  # Timed out or cancelled: the connection's state is unknown.
+        response.close()  # Cancelled: the connection's state is unknown.
         raise
     response.release()
     try:
@@ -152,6 +155,9 @@ async def read_json_body(response: UpstreamResponse, provider: Provider) -> dict
 
 def _failure(error: HttpClientError, provider: Provider) -> RouteFailure:
     """The one translation of the HTTP client's errors into route failures."""
+    if isinstance(error, AnswerTimeout):
+        return RouteFailure(provider.name, FailureKind.TIMEOUT,
+                            "stream stalled" if error.idle else str(error))
     if isinstance(error, ConnectError):
         return RouteFailure(provider.name, FailureKind.CONNECT, "cannot connect")
     if isinstance(error, ConnectionClosed):

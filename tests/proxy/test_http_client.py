@@ -24,11 +24,13 @@ from cryptography.x509.oid import NameOID
 
 from app.proxy.http_client import (
     READ_BUFFER_HIGH_BYTES,
+    AnswerTimeout,
     ConnectError,
     ConnectionClosed,
     MalformedResponse,
     ResponseTooLarge,
     UpstreamClient,
+    UpstreamResponse,
 )
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -108,6 +110,17 @@ async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         await writer.drain()
 
 
+def later(seconds: float = 5.0) -> float:
+    """A deadline ``seconds`` from now on the running loop's clock."""
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def send(upstream: UpstreamClient, url: str, headers: dict[str, str] | None = None,
+               *, within_s: float = 5.0) -> UpstreamResponse:
+    return await upstream.post(url, BODY, headers or {}, connect_timeout_s=5,
+                               deadline_s=later(within_s))
+
+
 def client(**options: Any) -> UpstreamClient:
     options.setdefault("connections_per_origin", 8)
     options.setdefault("keepalive_s", 30.0)
@@ -119,8 +132,7 @@ def test_requests_reuse_one_kept_alive_connection_and_carry_their_headers() -> N
         async with ScriptedServer(keep_alive_echo) as server:
             upstream = client()
             for number in range(5):
-                response = await upstream.post(
-                    server.url(), BODY, {"X-Request-Id": f"req_{number}"}, connect_timeout_s=5)
+                response = await send(upstream, server.url(), {"X-Request-Id": f"req_{number}"})
                 echoed = await response.read(1 << 20)
                 response.release()
                 assert response.status == 200
@@ -161,7 +173,7 @@ def test_chunked_gzip_and_until_close_bodies_are_read_whole() -> None:
         for handler, body in expected.items():
             async with ScriptedServer(handler) as server:
                 for _ in range(2):
-                    response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                    response = await send(upstream, server.url())
                     assert await response.read(1 << 20) == body
                     response.release()
                 # Only an answer that ends with its connection costs a new one per request.
@@ -183,7 +195,7 @@ def test_lines_are_read_across_packets_and_the_end_is_empty() -> None:
     async def scenario() -> None:
         async with ScriptedServer(stream) as server:
             upstream = client()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             lines = []
             while line := await response.readline(1024):
                 lines.append(line)
@@ -203,15 +215,15 @@ def test_limits_on_bodies_and_lines() -> None:
     async def scenario() -> None:
         async with ScriptedServer(big) as server:
             upstream = client()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             with pytest.raises(ResponseTooLarge):
                 await response.read(4999)
             response.close()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             with pytest.raises(ResponseTooLarge):
                 await response.readline(1000)
             response.close()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             assert await response.read_prefix(100) == b"y" * 100
             response.release()  # Not read to its end: the connection is dropped.
             assert server.connections == 3
@@ -233,10 +245,10 @@ def test_a_kept_alive_connection_dropped_as_it_is_picked_is_retried_once_on_a_ne
     async def scenario() -> None:
         async with ScriptedServer(drops_second_request) as server:
             upstream = client()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             assert await response.read(100) == b"first"
             response.release()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             assert await response.read(100) == b"first"
             response.release()
             assert server.connections == 2
@@ -257,10 +269,10 @@ def test_a_new_connection_closed_before_an_answer_is_not_retried() -> None:
         upstream = client()
         async with ScriptedServer(drops) as server:
             with pytest.raises(ConnectionClosed, match="before an answer"):
-                await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                await send(upstream, server.url())
             assert server.connections == 1
         async with ScriptedServer(cut) as server:
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             with pytest.raises(ConnectionClosed, match="before the answer ended"):
                 await response.read(1000)
             response.close()
@@ -283,11 +295,11 @@ def test_garbage_refused_connections_and_unknown_codings_are_errors() -> None:
         for handler in (garbage, brotli):
             async with ScriptedServer(handler) as server:
                 with pytest.raises(MalformedResponse):
-                    await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                    await send(upstream, server.url())
         async with ScriptedServer(keep_alive_echo) as server:
             port = server.port
         with pytest.raises(ConnectError):
-            await upstream.post(f"http://127.0.0.1:{port}/v1", BODY, {}, connect_timeout_s=5)
+            await send(upstream, f"http://127.0.0.1:{port}/v1")
         await upstream.close()
 
     on_both_loops(scenario)
@@ -300,7 +312,7 @@ def test_headers_that_could_split_the_request_are_refused_before_sending() -> No
             for headers in ({"X-Request-Id": "a\r\nX-Evil: 1"}, {"Bad Name": "x"},
                             {"Content-Length": "1"}, {"Host": "elsewhere"}):
                 with pytest.raises(ValueError):
-                    await upstream.post(server.url(), BODY, headers, connect_timeout_s=5)
+                    await send(upstream, server.url(), headers)
             assert server.connections == 0
             await upstream.close()
 
@@ -320,7 +332,7 @@ def test_an_abandoned_request_closes_its_connection() -> None:
             upstream = client()
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.05):
-                    await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                    await send(upstream, server.url())
             async with asyncio.timeout(5):
                 await closed.wait()
             await upstream.close()
@@ -347,7 +359,7 @@ def test_callers_beyond_the_connection_limit_wait_for_a_free_connection() -> Non
             upstream = client(connections_per_origin=2)
 
             async def call() -> bytes:
-                response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+                response = await send(upstream, server.url())
                 body = await response.read(100)
                 response.release()
                 return body
@@ -377,7 +389,7 @@ def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_nothing() -> Non
     async def scenario() -> None:
         async with ScriptedServer(flood) as server:
             upstream = client()
-            response = await upstream.post(server.url(), BODY, {}, connect_timeout_s=5)
+            response = await send(upstream, server.url())
             connection = response._connection
             # The protocol has no event for "paused": look at it on every turn of the loop.
             async with asyncio.timeout(5):
@@ -427,14 +439,75 @@ def test_https_with_a_trusted_certificate_and_refused_without(tmp_path: Path) ->
         async with server:
             upstream = client(ssl_context=trusting)
             for _ in range(2):
-                response = await upstream.post(server.url("https"), BODY, {},
-                                               connect_timeout_s=5)
+                response = await send(upstream, server.url("https"))
                 assert (await response.read(1 << 20)).endswith(BODY)
                 response.release()
             assert server.connections == 1
             await upstream.close()
             # The system's trust store does not know our certificate.
             with pytest.raises(ConnectError):
-                await client().post(server.url("https"), BODY, {}, connect_timeout_s=5)
+                await send(client(), server.url("https"))
+
+    on_both_loops(scenario)
+
+
+def test_the_deadline_bounds_the_answer_and_the_idle_limit_bounds_each_silence() -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Five lines 50 ms apart (250 ms in all), then silence."""
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for number in range(5):
+            writer.write(b"line %d\n" % number)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # The pace of the scripted upstream, not a wait.
+        await reader.read()
+
+    async def scenario() -> None:
+        async with ScriptedServer(trickle) as server:
+            upstream = client()
+            # Silences of 50 ms never reach a 150 ms idle limit; the answer's total
+            # 250 ms does not matter; the silence after the fifth line does.
+            response = await send(upstream, server.url())
+            response.limit_time(later(), 0.15)
+            lines = [await response.readline(100) for _ in range(5)]
+            assert lines == [b"line %d\n" % number for number in range(5)]
+            with pytest.raises(AnswerTimeout) as stalled:
+                await response.readline(100)
+            assert stalled.value.idle
+            response.close()
+            # A deadline, unlike the idle limit, is not moved by data arriving.
+            response = await send(upstream, server.url(), within_s=0.12)
+            with pytest.raises(AnswerTimeout) as late:
+                while await response.readline(100):
+                    pass
+            assert not late.value.idle
+            response.close()
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+def test_waiting_for_a_free_connection_is_bounded_by_the_deadline() -> None:
+    async def scenario() -> None:
+        arrived, release = asyncio.Event(), asyncio.Event()
+
+        async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            arrived.set()
+            await release.wait()
+            writer.write(answer(b"ok"))
+
+        async with ScriptedServer(held) as server:
+            upstream = client(connections_per_origin=1)
+            first = asyncio.ensure_future(send(upstream, server.url()))
+            async with asyncio.timeout(5):
+                await arrived.wait()  # The only connection is busy from here.
+            with pytest.raises(AnswerTimeout, match="no connection free"):
+                await send(upstream, server.url(), within_s=0.05)
+            release.set()
+            response = await first
+            assert await response.read(10) == b"ok"
+            response.release()
+            await upstream.close()
 
     on_both_loops(scenario)
