@@ -39,9 +39,9 @@ class Provider:
     api_key: str | None = field(default=None, repr=False)
     builtin: str | None = None
     connect_timeout_s: float = 5.0
-    # Until the response headers (non-streaming: until the whole body) arrive.
+    # Until a stream's first event (non-streaming: until the whole body) arrives.
     first_byte_timeout_s: float = 120.0
-    # Longest silence tolerated between two streamed chunks.
+    # Longest upstream silence tolerated in a stream (any bytes end a silence).
     idle_timeout_s: float = 120.0
     total_timeout_s: float = 900.0
     headers: Mapping[str, str] = field(default_factory=dict)
