@@ -39,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailable
@@ -79,10 +80,13 @@ TAKE_RETRY_DELAY_S = 0.05
 # still admits once it and the batch's earlier holds on that account are counted).
 TAKE_HOLDS = f"""
 WITH request AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[])
-        WITH ORDINALITY AS r(request_id, account_id, amount, lifetime_s, position)
+    SELECT request_id, account_id, amount_micros AS amount, lifetime_s, position
+    FROM ROWS FROM (json_to_recordset($1::json)
+                    AS (request_id text, account_id bigint, amount_micros bigint,
+                        lifetime_s integer))
+        WITH ORDINALITY AS r(request_id, account_id, amount_micros, lifetime_s, position)
 ), existing AS (
-    SELECT request_id FROM {holds.name} WHERE request_id = ANY($1::text[])
+    SELECT request_id FROM {holds.name} WHERE request_id IN (SELECT request_id FROM request)
 ), locked AS (
     SELECT id, usage_micros, paid_micros, held_micros, credit_limit_micros,
            settlement_failed_at
@@ -182,13 +186,8 @@ class HoldTaker:
         for request in batch:
             unique.setdefault(request.request_id, request)
         requests = list(unique.values())
-        rows = await self.connection.fetch(
-            TAKE_HOLDS,
-            [request.request_id for request in requests],
-            [request.account_id for request in requests],
-            [request.amount_micros for request in requests],
-            [request.lifetime_s for request in requests],
-        )
+        # One JSON document for the batch, as the usage records (app.ledger.recorder).
+        rows = await self.connection.fetch(TAKE_HOLDS, orjson.dumps(requests).decode())
         held = {row["request_id"]: Taken(row["room"]) for row in rows}
         assert len(held) == len(rows), "one hold per request id"
         return [held.get(request.request_id) for request in batch]

@@ -75,6 +75,31 @@ async def test_duplicate_request_id_is_charged_once(
     assert await usage_and_count(engine, account) == (44, 2)
 
 
+async def test_every_field_arrives_exactly_even_beyond_a_double(
+    engine: AsyncEngine, recorder: UsageRecorder
+) -> None:
+    """Records travel as one JSON document: integers a float would round (2**53 + 1),
+    text a naive encoder would break, nulls and booleans must all land as they were."""
+    account = await make_account(engine)
+    total = 2**53 + 1 + (2**53 + 1) // 10
+    commission = total - (2**53 + 1)
+    written = UsageEntry(
+        request_id=f"req_{secrets.token_hex(8)}", account_id=account,
+        session_jti='jti "quoted" \\ ünï', public_model="m/ünïcode ✓",
+        provider="p\n", upstream_model="u\t",
+        prompt_tokens=2**31 - 1, completion_tokens=0, cached_tokens=7, reasoning_tokens=3,
+        base_cost_micros=2**53 + 1, commission_rate_bps=1000, commission_micros=commission,
+        total_micros=total, status="ok", streamed=True, usage_source="estimated",
+        latency_ms=None, time_to_first_chunk_ms=0,
+    )
+    assert (await recorder.record(written)).recorded
+    async with engine.connect() as connection:
+        row = (await connection.execute(select(usage_records).where(
+            usage_records.c.request_id == written.request_id))).mappings().one()
+    assert {name: row[name] for name in written.row()} == written.row()
+    assert await usage_and_count(engine, account) == (total, 1)
+
+
 async def test_unreachable_database_is_a_clear_503() -> None:
     dead = create_engine("postgresql://nobody@/tollgate?host=/nonexistent-socket-dir")
     recorder = UsageRecorder(dead)
