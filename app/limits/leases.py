@@ -122,6 +122,18 @@ class RateLeases:
         lease.tokens_left -= tokens.bucket.amount_tokens
         return lease.headers()
 
+    def absorb(self, account_id: int, tokens: Bucket, correction_tokens: int) -> bool:
+        """Keep a settled call's tokens correction in the account's lease, if it has one
+        on that bucket: its next calls here may use it, and the lease gives the sum back
+        when it retires. One Redis command per lease instead of one per flush of calls'
+        corrections. False: no such lease, the caller sends the correction itself."""
+        lease = self._open.get(account_id)
+        if (lease is None or lease.retired or lease.tokens.key != tokens.key
+                or lease.tokens.capacity_tokens != tokens.capacity_tokens):
+            return False
+        lease.tokens_left += correction_tokens
+        return True
+
     def offer(self, account_id: int, requests: Limit, tokens: Limit,
               admission: Admission) -> None:
         """A call was admitted by Redis: lease for the account's next calls if it is busy."""
@@ -175,7 +187,9 @@ class RateLeases:
             del self._open[lease.account_id]
         if lease.requests_left > 0:
             self.give_back(replace(lease.requests, amount_tokens=lease.requests_left))
-        if lease.tokens_left > 0:
+        if lease.tokens_left != 0:
+            # Negative after calls that used more than their estimate (``absorb``): the
+            # bucket is debited the difference.
             self.give_back(replace(lease.tokens, amount_tokens=lease.tokens_left))
         lease.requests_left = lease.tokens_left = 0
 

@@ -9,7 +9,9 @@ so a client hammering its limit never makes the ledger write.
 A busy account's calls are admitted on tokens leased ahead instead, without a
 round trip (``app.limits.leases``).
 ``settle`` gives back what the call did not use, or takes what it used beyond
-the estimate, once the real usage is known: nothing produced counts as 0.
+the estimate, once the real usage is known: nothing produced counts as 0. While
+the account has a lease, the correction stays in it (``RateLeases.absorb``) and
+goes back with the lease's rest.
 
 Until the identity stage sets ``call.principal``, a call has no account and no
 account limits apply (the unauthenticated endpoints are limited per IP by
@@ -117,10 +119,15 @@ class LimitsStage:
         # (a wild usage report) would change nothing more.
         range_tokens = 2 * debit.capacity_tokens
         correction = max(-range_tokens, min(range_tokens, debit.amount_tokens - used_tokens))
-        if correction != 0:
-            # The correction is not money and the caller need not wait for it: it is
-            # sent after the response, and shutdown waits for it (drain).
-            self._queue(replace(debit, amount_tokens=correction))
+        if correction == 0:
+            return
+        assert call.principal is not None, "a debit was made for an account"
+        if self.leases is not None and self.leases.absorb(call.principal.account_id, debit,
+                                                          correction):
+            return
+        # The correction is not money and the caller need not wait for it: it is
+        # sent after the response, and shutdown waits for it (drain).
+        self._queue(replace(debit, amount_tokens=correction))
 
     def _queue(self, correction: Bucket) -> None:
         queued = self._pending.get(correction.key)

@@ -9,8 +9,11 @@ import redis.asyncio as redis
 
 from app.errors import RateLimited
 from app.identity.principal import Principal
+from app.limits.bucket_keys import account_token_key
 from app.limits.leases import LEASE_CALLS
 from app.limits.stage import LimitsStage
+from app.limits.token_buckets import Bucket
+from app.proxy.pipeline import Usage
 from tests.limits.conftest import make_limiter
 from tests.limits.test_stage import TOKENS_PER_MIN, account, admit, chat_call
 
@@ -120,3 +123,37 @@ async def test_a_lease_spent_before_its_time_is_followed_by_a_larger_one(
         await admit_leased(stage, principal)
     second = stage.leases.open_lease(principal.account_id)
     assert first.retired and second is not None and second.calls_planned == 2 * LEASE_CALLS
+
+
+async def test_calls_corrections_stay_in_the_lease_and_reach_the_bucket_with_its_rest(
+    redis_client: redis.Redis,
+) -> None:
+    """Each settled call gives back what it did not use (or takes what it used beyond
+    its estimate). On a lease that stays in memory, usable by the next calls, and the
+    bucket sees the sum when the lease retires: the same level, no command per call."""
+    stage = leasing_stage(redis_client)
+    assert stage.leases is not None
+    tokens_per_min = 10**7
+    principal = account(requests_per_min=6_000, tokens_per_min=tokens_per_min)
+    started = time.monotonic()
+    used = [7, 11, 3, 900_000, 5]  # one call far beyond its estimate: a negative correction
+    calls = []
+    for tokens in used:
+        call = chat_call(principal)
+        await admit(stage, call)
+        await stage.leases.offers_answered()
+        calls.append((call, tokens))
+    lease = stage.leases.open_lease(principal.account_id)
+    assert lease is not None
+    for call, tokens in calls:
+        call.outcome.usage = Usage(prompt_tokens=tokens, completion_tokens=0)
+        await stage.settle(call)
+    assert not stage._pending and (stage._flusher is None or stage._flusher.done()), \
+        "no correction left for Redis while the lease is open"
+    await stage.retire_leases()
+    await stage.drain()
+    probe = Bucket(account_token_key(principal.account_id), tokens_per_min, 0)
+    state = (await stage.limiter._buckets().acquire([probe])).states[0]
+    refill_tokens = (time.monotonic() - started) * tokens_per_min / 60 + 1
+    expected = tokens_per_min - sum(used)
+    assert expected <= state.remaining_tokens <= expected + refill_tokens, state
