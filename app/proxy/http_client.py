@@ -102,6 +102,11 @@ class AnswerTimeout(HttpClientError):
         self.idle = idle
 
 
+class _AfterTheAnswer(Exception):
+    """Bytes after a complete answer, or to an idle connection (a server's "408" before it
+    closes one, say): a server that speaks out of turn is not reused."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     """What a URL means to the pool: which origin, and the request line's start."""
@@ -140,6 +145,7 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.header_bytes = 0
         self.headers_complete = False
+        self.informational = False
         self.complete = False
         self.keep_alive = False
         self.error: HttpClientError | None = None
@@ -168,6 +174,9 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__ or error.__cause__
+            if isinstance(cause, _AfterTheAnswer):
+                self.close()  # The answer is whole and stays readable; the connection is not.
+                return
             self._fail(cause if isinstance(cause, HttpClientError)
                        else MalformedResponse(f"unreadable answer ({error})"))
         except httptools.HttpParserError as error:
@@ -205,6 +214,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _AfterTheAnswer
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > RESPONSE_HEADERS_MAX_BYTES:
@@ -215,7 +228,14 @@ class _Connection(asyncio.Protocol):
         self.headers[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # Informational (100 Continue, 103 Early Hints): the answer itself follows.
+            self.informational = True
+            self.headers = {}
+            self.header_bytes = 0
+            return
+        self.status = status
         coding = self.headers.get("content-encoding", "identity").strip().lower()
         if coding == "gzip":
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -240,6 +260,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
         self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
         self._wake()

@@ -511,3 +511,74 @@ def test_waiting_for_a_free_connection_is_bounded_by_the_deadline() -> None:
             await upstream.close()
 
     on_both_loops(scenario)
+
+
+def test_informational_answers_are_skipped_for_the_real_one() -> None:
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n"
+                         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            await writer.drain()
+            writer.write(answer(b"the answer", "X-Final: yes"))
+
+    async def scenario() -> None:
+        async with ScriptedServer(hints) as server:
+            upstream = client()
+            for _ in range(2):
+                response = await send(upstream, server.url())
+                assert response.status == 200
+                assert response.headers.get("x-final") == "yes"
+                assert "link" not in response.headers
+                assert await response.read(100) == b"the answer"
+                response.release()
+            assert server.connections == 1
+            await upstream.close()
+
+    on_both_loops(scenario)
+
+
+@pytest.mark.parametrize("with_the_answer", [True, False])
+def test_a_connection_that_speaks_out_of_turn_is_dropped_not_reused(
+    with_the_answer: bool,
+) -> None:
+    """Bytes after a complete answer (in its packet, or to an idle connection) are no answer
+    to anything: the answer read stays the first one, and the connection is not reused."""
+    late = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+
+    async def scenario() -> None:
+        released, dropped = asyncio.Event(), asyncio.Event()
+
+        async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if await read_request(reader) is None:
+                return
+            if server.connections > 1:
+                writer.write(answer(b"second"))
+                await read_request(reader)
+                return
+            if with_the_answer:
+                writer.write(answer(b"first") + late)
+            else:
+                writer.write(answer(b"first"))
+                await released.wait()
+                writer.write(late)
+            await writer.drain()
+            assert await reader.read() == b""  # Returns once the client closed it.
+            dropped.set()
+
+        server = ScriptedServer(chatty)
+        async with server:
+            upstream = client()
+            response = await send(upstream, server.url())
+            assert response.status == 200
+            assert await response.read(100) == b"first"
+            response.release()
+            released.set()
+            async with asyncio.timeout(5):
+                await dropped.wait()
+            response = await send(upstream, server.url())
+            assert await response.read(100) == b"second"
+            response.release()
+            assert server.connections == 2
+            await upstream.close()
+
+    on_both_loops(scenario)
