@@ -3,7 +3,9 @@
 Authenticating a request costs: one local JWT verification, one Redis GET (is
 the session revoked?), and the session's account row from a 2 s in-process
 cache (Postgres on a miss; a row over 1 s old is reloaded in the background).
-When Redis cannot answer, Postgres decides. A chat call whose row is cached skips
+Concurrent misses of one session share a single read: a burst of an agent's calls
+after a pause costs one query, not one per call (and no surge of new pooled
+connections). When Redis cannot answer, Postgres decides. A chat call whose row is cached skips
 the GET while the revocation feed is live (``app.identity.revocation_feed``).
 
 A session that depends on a session key's on-chain policy (``session_key_bound``:
@@ -111,6 +113,8 @@ class Sessions:
         self.feed = feed
         # Background reloads of aging cache rows, one per session at a time.
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # Reads of session rows in flight, shared by every request that needs one.
+        self._loading: dict[str, tuple[int, asyncio.Task[SessionAccount | None]]] = {}
 
     async def authorize(self, authorization: Authorization, signature: bytes) -> IssuedSession:
         """Check, verify, record, then sign: the token exists only for a committed session."""
@@ -167,11 +171,9 @@ class Sessions:
             raise token_refused("the session was revoked", "token_revoked")
         if revoked is None:
             # Redis could not answer: Postgres is the truth, as in ``authenticate``.
-            generation = self.cache.generation
-            row = await self.store.load(check.jti)
+            row = await self._load(check.jti)
             if row is None:
                 raise token_refused("the session does not exist", "unknown_session")
-            self.cache.put(row, generation)
             if row.revoked:
                 raise token_refused("the session was revoked", "token_revoked")
             if row.account.status != "active":
@@ -189,12 +191,41 @@ class Sessions:
             if cached.refresh:
                 self._refresh_soon(claims.jti)
         if row is None:
-            generation = self.cache.generation
-            row = await self.store.load(claims.jti)
+            row = await self._load(claims.jti)
             if row is None:
                 raise token_refused("the session does not exist", "unknown_session")
-            self.cache.put(row, generation)
         return await self._principal(claims, row)
+
+    async def _load(self, jti: str) -> SessionAccount | None:
+        """Read a session's row from Postgres and cache it, sharing a read in flight.
+
+        Only a read begun since the cache's last drop is shared: a request that
+        arrives after a revocation never gets a row read before it. The read is a
+        task of its own, so a waiter that goes away (its client left) does not
+        cancel it for the others.
+        """
+        generation = self.cache.generation
+        loading = self._loading.get(jti)
+        if loading is None or loading[0] != generation:
+            task = asyncio.ensure_future(self._read_and_cache(jti, generation))
+            loading = (generation, task)
+            self._loading[jti] = loading
+            task.add_done_callback(lambda done: self._forget_load(jti, done))
+        return await asyncio.shield(loading[1])
+
+    async def _read_and_cache(self, jti: str, generation: int) -> SessionAccount | None:
+        row = await self.store.load(jti)
+        if row is not None:
+            self.cache.put(row, generation)
+        return row
+
+    def _forget_load(self, jti: str, done: asyncio.Task[SessionAccount | None]) -> None:
+        loading = self._loading.get(jti)
+        if loading is not None and loading[1] is done:
+            del self._loading[jti]
+        # Read here, so a failure whose waiters all left is not reported as lost.
+        if not done.cancelled():
+            done.exception()
 
     async def _principal(self, claims: SessionClaims, row: SessionAccount) -> Principal:
         if row.revoked:
@@ -224,15 +255,12 @@ class Sessions:
             # Not now: the request that found the row aging is still before its first
             # byte, and a reload then competes with it for the loop and the database.
             await asyncio.sleep(RELOAD_DELAY_S)
-            generation = self.cache.generation
-            row = await self.store.load(jti)
+            row = await self._load(jti)
         except Exception as error:  # The row still expires at its TTL.
             log.debug("cached session row not reloaded: %s", error)
         else:
             if row is None:
                 self.cache.drop(jti)
-            else:
-                self.cache.put(row, generation)
         finally:
             del self._refreshing[jti]
 
@@ -243,7 +271,7 @@ class Sessions:
 
     async def close(self) -> None:
         """Stop background reloads (at shutdown)."""
-        tasks = list(self._refreshing.values())
+        tasks = [*self._refreshing.values(), *(task for _, task in self._loading.values())]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -420,6 +420,68 @@ async def test_a_cached_row_in_use_is_reloaded_in_the_background(
         identity.cache.clock = time.monotonic
 
 
+class CountingLoads:
+    """Wraps the real ``SessionStore.load``: counts reads, and can hold them at a gate."""
+
+    def __init__(self, load: Any) -> None:
+        self.load = load
+        self.reads = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    async def __call__(self, jti: str) -> Any:
+        self.reads += 1
+        self.started.set()
+        await self.gate.wait()
+        return await self.load(jti)
+
+
+async def test_concurrent_misses_of_a_session_share_one_read(
+    http: aiohttp.ClientSession, tollgate: RunningTollgate
+) -> None:
+    """A burst after a pause (64 calls, no cached row) reads the row once; a caller that
+    leaves does not cancel the read for the others; a drop starts a fresh read."""
+    wallet = new_wallet()
+    body = message(wallet)
+    status, answer, _ = await post_authorization(http, tollgate.url, body,
+                                                 sign(wallet, body))
+    assert status == 201
+    identity = tollgate.app[SESSIONS]
+    identity.cache.clear()
+    loads = CountingLoads(identity.store.load)
+    identity.store.load = loads  # type: ignore[method-assign]
+    try:
+        loads.gate.clear()
+        burst = [asyncio.ensure_future(identity.authenticate(answer["token"]))
+                 for _ in range(64)]
+        await loads.started.wait()
+        burst[0].cancel()  # its client went away while the row was being read
+        loads.gate.set()
+        principals = await asyncio.gather(*burst[1:])
+        assert loads.reads == 1
+        assert {principal.session_jti for principal in principals} == {answer["sessionId"]}
+        assert burst[0].cancelled()
+        assert identity.cache.get(answer["sessionId"]) is not None, "the shared read is cached"
+
+        # A read begun before a drop (a revocation) is not shared with later callers.
+        identity.cache.clear()
+        loads.gate.clear()
+        loads.started.clear()
+        before = asyncio.ensure_future(identity.authenticate(answer["token"]))
+        await loads.started.wait()
+        loads.started.clear()
+        identity.cache.drop(answer["sessionId"])
+        after = asyncio.ensure_future(identity.authenticate(answer["token"]))
+        await loads.started.wait()
+        loads.gate.set()
+        await asyncio.gather(before, after)
+        assert loads.reads == 3
+    finally:
+        del identity.store.load
+        loads.gate.set()
+
+
 async def test_schema_is_enough_to_sign(
     http: aiohttp.ClientSession, tollgate: RunningTollgate
 ) -> None:
