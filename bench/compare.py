@@ -44,6 +44,7 @@ FIGURES = (
     ("p50 ms", "p50_ms", "{:8.2f}", False),
     ("ttfc50 ms", "ttfc_p50_ms", "{:9.2f}", False),
     ("cpu us/req", "server_cpu_us_per_req", "{:10.0f}", False),
+    ("batched", "batched_reads", "{:7d}", False),
 )
 
 
